@@ -1,0 +1,94 @@
+//! `agent daemon`: load and attach the programs, pin them, keep the maps
+//! tidy, and run until SIGINT or SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::{LoadArgs, PinArgs};
+use crate::{
+    cgroup,
+    collect::{Collector, Role},
+    loader::{Attached, Options},
+};
+
+/// Attach the accounting programs and keep them attached until stopped.
+///
+/// Pins the maps and links under --pin-dir so that `agent stats` and
+/// `agent top` can read them. On SIGINT or SIGTERM the programs are detached
+/// and the pins removed, unless --keep-pinned: then the programs keep counting
+/// and the next daemon started with the same --pin-dir takes them over without
+/// losing a packet.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    /// On exit leave the programs attached and the maps pinned.
+    #[arg(long)]
+    pub keep_pinned: bool,
+
+    /// How often to read the maps and drop the entries of removed cgroups.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = super::parse_duration)]
+    pub interval: Duration,
+}
+
+pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
+    super::require_root("agent daemon")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime failed")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
+    // Handlers first: a signal during set-up must still end in a clean exit.
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let root = cgroup::resolve_root(args.load.cgroup_root.as_deref())?;
+    super::progress("agent: loading and attaching the eBPF programs...");
+    let (attached, maps) = Attached::load(&Options {
+        cgroup_root: root.clone(),
+        max_cgroups: args.load.max_cgroups,
+        pin_dir: Some(args.pins.pin_dir.clone()),
+    })?;
+    log::info!(
+        "counting the network traffic of every cgroup under {} (pins in {})",
+        root.display(),
+        args.pins.pin_dir.display()
+    );
+
+    let mut collector = Collector::new(maps, &root, Role::Owner);
+    let mut tick = tokio::time::interval(args.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match collector.sample() {
+                Ok(_) => failing = false,
+                Err(err) if !failing => {
+                    log::warn!("collecting failed, retrying every interval: {err}");
+                    failing = true;
+                }
+                Err(_) => {}
+            },
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    let keep = args.keep_pinned;
+    attached.shutdown(keep)?;
+    if keep {
+        log::info!("stopped; the programs stay attached through the pins in {}", args.pins.pin_dir.display());
+    } else {
+        log::info!("stopped; programs detached and pins removed");
+    }
+    Ok(())
+}

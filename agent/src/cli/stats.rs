@@ -1,0 +1,52 @@
+//! `agent stats`: one snapshot of a running daemon's counters.
+
+use clap::Args;
+
+use super::PinArgs;
+use crate::{
+    collect::{Collector, Role},
+    loader,
+    model::Snapshot,
+};
+
+/// Print one snapshot of the daemon's per-cgroup counters.
+///
+/// Reads the maps the daemon pinned. Counts start when the daemon first
+/// attached its programs. Exits with status 2 when no daemon is running.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    /// Print JSON (one object on one line) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
+    let mut collector = open_daemon(&args.pins)?;
+    let snapshot = Snapshot::new(&collector.sample()?, None);
+    if args.json {
+        println!("{}", serde_json::to_string(&snapshot)?);
+    } else {
+        print!("{}", super::table::render(&snapshot, None));
+    }
+    Ok(())
+}
+
+/// A collector reading the pins of the daemon at `pins.pin_dir`.
+pub fn open_daemon(pins: &PinArgs) -> anyhow::Result<Collector> {
+    if !loader::pins_exist(&pins.pin_dir) {
+        return Err(loader::Error::NoDaemon { pin_dir: pins.pin_dir.clone() }.into());
+    }
+    super::require_root("reading the daemon's pins")?;
+    let (maps, info) = loader::open_pins(&pins.pin_dir)?;
+    if !info.is_alive() {
+        log::warn!(
+            "the daemon that pinned {} is not running: its programs still count, but removed \
+             cgroups are not cleaned from the maps until a daemon runs",
+            pins.pin_dir.display()
+        );
+    }
+    Ok(Collector::new(maps, &info.cgroup_root, Role::Reader))
+}

@@ -1,0 +1,191 @@
+//! The collector: reads the maps and the cgroup tree into a [`Sample`] of
+//! cumulative counters. It is the only reader of the maps; consumers get
+//! samples (and snapshots made from them by [`crate::model`]).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::MapError;
+use common::{maps, NetCounters};
+
+use crate::{cgroup::CgroupTree, loader::Maps};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading map {name} failed: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::Error),
+}
+
+/// One cgroup's cumulative counters at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupSample {
+    pub id: u64,
+    /// Relative to the watched root, starting with `/`.
+    pub path: String,
+    pub net: NetCounters,
+}
+
+/// Cumulative counters of every cgroup under the root at one moment.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Wall-clock time, for display.
+    pub taken: SystemTime,
+    /// Monotonic time, for rates.
+    pub at: Instant,
+    pub cgroup_root: PathBuf,
+    /// Sorted by path.
+    pub cgroups: Vec<CgroupSample>,
+    /// Traffic that found the per-cgroup map full and could not be attributed.
+    pub uncounted: NetCounters,
+}
+
+/// Whether this collector may remove map entries of cgroups that are gone:
+/// only the process that owns the programs does (the daemon, or `agent top`
+/// on its own); readers of a daemon's pins never change its maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Reader,
+}
+
+/// How often at most the "map full" warning repeats while it keeps growing.
+const UNCOUNTED_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+pub struct Collector {
+    maps: Maps,
+    root: PathBuf,
+    role: Role,
+    tree: CgroupTree,
+    /// The tree-change counter when `tree` was walked.
+    tree_generation: Option<u64>,
+    max_cgroups: u32,
+    uncounted_warned: Option<(u64, Instant)>,
+}
+
+impl Collector {
+    #[must_use]
+    pub fn new(maps: Maps, root: &Path, role: Role) -> Self {
+        let max_cgroups = maps.net_stats_capacity();
+        Self {
+            maps,
+            root: root.to_path_buf(),
+            role,
+            tree: CgroupTree::default(),
+            tree_generation: None,
+            max_cgroups,
+            uncounted_warned: None,
+        }
+    }
+
+    /// The cgroup root the programs are attached to.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn generation(&self) -> Result<u64, Error> {
+        let values = self
+            .maps
+            .cgroup_generation
+            .get(&0, 0)
+            .map_err(|source| Error::Map { name: maps::CGROUP_GENERATION, source })?;
+        Ok(values.iter().fold(0u64, |sum, value| sum.wrapping_add(*value)))
+    }
+
+    /// Reads every counter once.
+    ///
+    /// The tree is walked again only when a cgroup was created, removed or
+    /// renamed since the last walk (the kernel's tree-change counter moved).
+    /// As owner, entries of cgroups that are gone are deleted from the map,
+    /// but only when no cgroup changed between the walk and the map read, so
+    /// a cgroup created meanwhile is never mistaken for a removed one.
+    pub fn sample(&mut self) -> Result<Sample, Error> {
+        let generation = self.generation()?;
+        if self.tree_generation != Some(generation) {
+            self.tree = CgroupTree::walk(&self.root)?;
+            self.tree_generation = Some(generation);
+        }
+        let taken = SystemTime::now();
+        let at = Instant::now();
+        let mut net: HashMap<u64, NetCounters> = HashMap::with_capacity(self.tree.len());
+        for entry in self.maps.net_stats.iter() {
+            let (id, per_cpu) = match entry {
+                Ok(entry) => entry,
+                // Removed between get_next_key and lookup.
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(Error::Map { name: maps::NET_STATS, source }),
+            };
+            let total = per_cpu.iter().fold(NetCounters::ZERO, |sum, cpu| sum.plus(*cpu));
+            net.insert(id, total);
+        }
+        let uncounted = self
+            .maps
+            .net_uncounted
+            .get(&0, 0)
+            .map_err(|source| Error::Map { name: maps::NET_UNCOUNTED, source })?
+            .iter()
+            .fold(NetCounters::ZERO, |sum, cpu| sum.plus(*cpu));
+
+        if self.role == Role::Owner {
+            let stale: Vec<u64> = net.keys().copied().filter(|id| !self.tree.contains(*id)).collect();
+            if !stale.is_empty() && self.generation()? == generation {
+                for id in stale {
+                    match self.maps.net_stats.remove(&id) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(source) => return Err(Error::Map { name: maps::NET_STATS, source }),
+                    }
+                }
+            }
+        }
+        self.warn_uncounted(&uncounted, at);
+
+        let mut cgroups: Vec<CgroupSample> = self
+            .tree
+            .iter()
+            .map(|(id, path)| CgroupSample {
+                id,
+                path: path.to_owned(),
+                net: net.get(&id).copied().unwrap_or(NetCounters::ZERO),
+            })
+            .collect();
+        cgroups.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Sample { taken, at, cgroup_root: self.root.clone(), cgroups, uncounted })
+    }
+
+    fn warn_uncounted(&mut self, uncounted: &NetCounters, now: Instant) {
+        let packets = uncounted.rx_packets.saturating_add(uncounted.tx_packets);
+        let due = match self.uncounted_warned {
+            None => packets > 0,
+            Some((warned, when)) => {
+                packets > warned && now.duration_since(when) >= UNCOUNTED_WARNING_EVERY
+            }
+        };
+        if due {
+            log::warn!(
+                "{packets} packets could not be attributed to their cgroup because map {} is \
+                 full ({} cgroups); they are reported as \"uncounted\": restart the daemon with \
+                 a larger --max-cgroups",
+                maps::NET_STATS,
+                self.max_cgroups,
+            );
+            self.uncounted_warned = Some((packets, now));
+        }
+    }
+}
+
+impl Maps {
+    /// How many cgroups the per-cgroup map holds (0 when the kernel won't say).
+    fn net_stats_capacity(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        self.net_stats.map().info().map_or(0, |info| info.max_entries())
+    }
+}

@@ -1,0 +1,17 @@
+//! The agent: per-cgroup observability and enforcement with eBPF.
+//!
+//! The data path, one stage per module (see ARCHITECTURE.md):
+//! kernel programs (`ebpf/`) → maps → [`collect`] (maps and cgroup tree →
+//! [`collect::Sample`]) → [`model`] (samples → [`model::Snapshot`] with rates)
+//! → consumers ([`cli`]: `stats`, `top`). [`loader`] is the only module that
+//! touches `aya::Ebpf`; [`cgroup`] finds the hierarchy and walks it.
+
+pub mod bpffs;
+pub mod cgroup;
+pub mod cli;
+pub mod collect;
+pub mod loader;
+pub mod model;
+pub mod units;
+
+mod sys;

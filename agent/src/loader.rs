@@ -1,0 +1,517 @@
+//! Loading and attaching the kernel programs, and pinning them. This is the
+//! only module that touches `aya::Ebpf`; it hands the maps to the collector as
+//! typed handles ([`Maps`]) and keeps the links alive for as long as it lives.
+//!
+//! Pin layout under the pin directory (default `/sys/fs/bpf/agent`):
+//! `maps/<MAP>` for every map in [`common::maps::ALL`], `links/<program>` for
+//! every attached program.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, RawTracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use common::{maps, programs, AgentInfo, NetCounters, AGENT_INFO_PATH_MAX, LAYOUT_VERSION};
+
+use crate::{bpffs, sys};
+
+/// The kernel programs, built by `build.rs` from `../ebpf`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// The cgroup_skb programs of the network accounting, with their hooks.
+const NET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (programs::NET_INGRESS, CgroupSkbAttachType::Ingress),
+    (programs::NET_EGRESS, CgroupSkbAttachType::Egress),
+];
+
+/// Raw tracepoints that tell the collector the cgroup tree changed.
+const TREE_PROGRAMS: [&str; 3] =
+    [programs::CGROUP_MKDIR, programs::CGROUP_RMDIR, programs::CGROUP_RENAME];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the eBPF object failed: {source}{hint}", hint = root_hint(.source))]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("loading program {name} into the kernel failed: {source}")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {name} to cgroup {cgroup} failed: {source}{hint}", hint = program_hint(.source))]
+    AttachCgroup {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {name} to raw tracepoint {tracepoint} failed: {source}")]
+    AttachTracepoint {
+        name: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {path} failed: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning {what} at {path} failed: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("replacing the program of the pinned link {path} failed: {source}")]
+    LinkUpdate {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::Error),
+    #[error(
+        "no agent daemon is running: nothing is pinned at {pin_dir}; start one with \
+         `agent daemon` (or pass the --pin-dir it uses)"
+    )]
+    NoDaemon { pin_dir: PathBuf },
+    #[error(
+        "the pins at {pin_dir} were made by an incompatible agent (layout {found}, this agent \
+         reads layout {LAYOUT_VERSION}); stop that daemon, or remove the stale pins with \
+         `rm -r {pin_dir}`"
+    )]
+    IncompatiblePins { pin_dir: PathBuf, found: u32 },
+    #[error("another agent daemon (pid {pid}) already runs with its pins at {pin_dir}; stop it first, or pass another --pin-dir")]
+    DaemonRunning { pin_dir: PathBuf, pid: u32 },
+    #[error(
+        "the programs pinned at {pin_dir} are attached to {pinned_root}, not {requested_root}; \
+         pass --cgroup-root {pinned_root}, or remove the pins with `rm -r {pin_dir}`"
+    )]
+    OtherRoot { pin_dir: PathBuf, pinned_root: String, requested_root: PathBuf },
+    #[error("cgroup root path {path} is longer than {AGENT_INFO_PATH_MAX} bytes")]
+    RootTooLong { path: PathBuf },
+    #[error("removing the pins at {pin_dir} failed: {source}")]
+    Unpin {
+        pin_dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::PermissionDenied {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn root_hint(err: &aya::EbpfError) -> &'static str {
+    if is_permission_error(err) {
+        " (loading eBPF programs needs root: run the agent with sudo)"
+    } else {
+        ""
+    }
+}
+
+fn program_hint(err: &ProgramError) -> &'static str {
+    if is_permission_error(err) {
+        " (attaching eBPF programs needs root: run the agent with sudo)"
+    } else {
+        ""
+    }
+}
+
+/// Typed handles to the maps the collector reads.
+pub struct Maps {
+    pub net_stats: PerCpuHashMap<MapData, u64, NetCounters>,
+    pub net_uncounted: PerCpuArray<MapData, NetCounters>,
+    pub cgroup_generation: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            net_stats: take_map(ebpf, maps::NET_STATS)?,
+            net_uncounted: take_map(ebpf, maps::NET_UNCOUNTED)?,
+            cgroup_generation: take_map(ebpf, maps::CGROUP_GENERATION)?,
+        })
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = bpffs::maps_dir(pin_dir).join(name);
+    let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+    let map = match name {
+        maps::NET_STATS => Map::PerCpuHashMap(data),
+        maps::AGENT_INFO => Map::Array(data),
+        _ => Map::PerCpuArray(data),
+    };
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+/// The description a daemon leaves in its pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub cgroup_root: PathBuf,
+    pub attached: SystemTime,
+}
+
+impl DaemonInfo {
+    /// Whether the daemon that wrote this is still running.
+    #[must_use]
+    pub fn is_alive(&self) -> bool {
+        self.pid != 0 && Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+fn decode_info(raw: &AgentInfo) -> DaemonInfo {
+    use std::os::unix::ffi::OsStrExt as _;
+    let len = (raw.cgroup_root_len as usize).min(AGENT_INFO_PATH_MAX);
+    DaemonInfo {
+        pid: raw.pid,
+        cgroup_root: PathBuf::from(std::ffi::OsStr::from_bytes(&raw.cgroup_root[..len])),
+        attached: UNIX_EPOCH + std::time::Duration::from_nanos(raw.attached_unix_ns),
+    }
+}
+
+fn encode_info(info: &DaemonInfo) -> Result<AgentInfo, Error> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = info.cgroup_root.as_os_str().as_bytes();
+    if bytes.len() > AGENT_INFO_PATH_MAX {
+        return Err(Error::RootTooLong { path: info.cgroup_root.clone() });
+    }
+    let mut raw = AgentInfo::EMPTY;
+    raw.layout = LAYOUT_VERSION;
+    raw.pid = info.pid;
+    raw.attached_unix_ns = info
+        .attached
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+    raw.cgroup_root_len = bytes.len() as u32;
+    raw.cgroup_root[..bytes.len()].copy_from_slice(bytes);
+    Ok(raw)
+}
+
+/// Reads the description of the daemon whose pins are at `pin_dir`, if any.
+fn read_pinned_info(pin_dir: &Path) -> Result<Option<DaemonInfo>, Error> {
+    if !bpffs::maps_dir(pin_dir).join(maps::AGENT_INFO).exists() {
+        return Ok(None);
+    }
+    let info: Array<MapData, AgentInfo> = open_pinned(pin_dir, maps::AGENT_INFO)?;
+    let raw =
+        info.get(&0, 0).map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+    if raw.layout != LAYOUT_VERSION {
+        return Err(Error::IncompatiblePins { pin_dir: pin_dir.into(), found: raw.layout });
+    }
+    Ok(Some(decode_info(&raw)))
+}
+
+/// The maps of a running daemon, opened from its pins (for `agent stats` and
+/// `agent top` next to a daemon).
+pub fn open_pins(pin_dir: &Path) -> Result<(Maps, DaemonInfo), Error> {
+    let info = read_pinned_info(pin_dir)?.ok_or_else(|| Error::NoDaemon { pin_dir: pin_dir.into() })?;
+    let maps = Maps {
+        net_stats: open_pinned(pin_dir, maps::NET_STATS)?,
+        net_uncounted: open_pinned(pin_dir, maps::NET_UNCOUNTED)?,
+        cgroup_generation: open_pinned(pin_dir, maps::CGROUP_GENERATION)?,
+    };
+    Ok((maps, info))
+}
+
+/// Whether a daemon's pins exist at `pin_dir`.
+#[must_use]
+pub fn pins_exist(pin_dir: &Path) -> bool {
+    bpffs::maps_dir(pin_dir).join(maps::AGENT_INFO).exists()
+}
+
+/// How to load the programs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The cgroup v2 directory to attach to (already validated).
+    pub cgroup_root: PathBuf,
+    /// Capacity of the per-cgroup maps.
+    pub max_cgroups: u32,
+    /// Pin everything here (the daemon), or nothing (`agent top` on its own).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The programs, loaded and attached. Dropping it detaches whatever is not
+/// pinned; [`Attached::shutdown`] also removes the pins.
+pub struct Attached {
+    /// Keeps the programs and their unpinned links alive.
+    _ebpf: Ebpf,
+    /// Links we pinned (held open so the shutdown order is ours to choose).
+    _pinned_links: Vec<PinnedLink>,
+    info_map: Option<Array<MapData, AgentInfo>>,
+    info: DaemonInfo,
+    pin_dir: Option<PathBuf>,
+}
+
+/// Pins created during a start that has not finished: removed if it fails.
+struct StartGuard {
+    created: Vec<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for path in self.created.iter().rev() {
+            let _ = fs::remove_file(path);
+        }
+        if let Some(pin_dir) = &self.pin_dir {
+            // Only empty directories go; a previous daemon's pins stay.
+            for dir in [bpffs::maps_dir(pin_dir), bpffs::links_dir(pin_dir), pin_dir.clone()] {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+impl Attached {
+    /// Loads the programs and attaches them at `options.cgroup_root`.
+    ///
+    /// With a pin directory that already holds the pins of a daemon that is
+    /// gone (`--keep-pinned`, or a crash), this takes them over: the maps and
+    /// their counts are reused, and each pinned cgroup link gets the new
+    /// program atomically (BPF_LINK_UPDATE), so no packet goes uncounted or is
+    /// counted twice across the restart.
+    pub fn load(options: &Options) -> Result<(Self, Maps), Error> {
+        let mut previous = None;
+        if let Some(pin_dir) = &options.pin_dir {
+            bpffs::prepare_pin_dir(pin_dir)?;
+            previous = read_pinned_info(pin_dir)?;
+            if let Some(info) = &previous {
+                if info.is_alive() && info.pid != std::process::id() {
+                    return Err(Error::DaemonRunning { pin_dir: pin_dir.clone(), pid: info.pid });
+                }
+                if info.cgroup_root != options.cgroup_root {
+                    return Err(Error::OtherRoot {
+                        pin_dir: pin_dir.clone(),
+                        pinned_root: info.cgroup_root.display().to_string(),
+                        requested_root: options.cgroup_root.clone(),
+                    });
+                }
+            }
+        }
+        let mut guard = StartGuard { created: Vec::new(), pin_dir: options.pin_dir.clone(), armed: true };
+
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::NET_STATS, options.max_cgroups);
+        let map_pins: Vec<(&str, PathBuf)> = options
+            .pin_dir
+            .iter()
+            .flat_map(|dir| maps::ALL.map(|name| (name, bpffs::maps_dir(dir).join(name))))
+            .collect();
+        for (name, path) in &map_pins {
+            if !path.exists() {
+                guard.created.push(path.clone());
+            }
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load { source })?;
+
+        let cgroup = fs::File::open(&options.cgroup_root)
+            .map_err(|source| Error::OpenCgroup { path: options.cgroup_root.clone(), source })?;
+        let mut pinned_links = Vec::new();
+        for (name, attach_type) in NET_PROGRAMS {
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| Error::LoadProgram { name, source })?;
+            let pin = options.pin_dir.as_ref().map(|dir| bpffs::links_dir(dir).join(name));
+            if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+                let link = sys::obj_get(pin)
+                    .map_err(|source| Error::LinkUpdate { path: pin.clone(), source })?;
+                let fd = program.fd().map_err(|source| Error::LoadProgram { name, source })?;
+                sys::link_update(
+                    std::os::fd::AsFd::as_fd(&link),
+                    std::os::fd::AsFd::as_fd(fd),
+                )
+                .map_err(|source| Error::LinkUpdate { path: pin.clone(), source })?;
+                continue;
+            }
+            // Single: through bpf_link the attachment is multi-attach anyway,
+            // and AllowMultiple makes BPF_LINK_CREATE fail with EINVAL.
+            let id = program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(|source| Error::AttachCgroup {
+                    name,
+                    cgroup: options.cgroup_root.clone(),
+                    source,
+                })?;
+            if let Some(pin) = pin {
+                let link = program.take_link(id).map_err(|source| Error::LoadProgram { name, source })?;
+                let link = FdLink::try_from(link).map_err(|source| Error::Pin {
+                    what: name,
+                    path: pin.clone(),
+                    source: Box::new(source),
+                })?;
+                pinned_links.push(pin_link(link, &pin, name, &mut guard)?);
+            }
+        }
+        for name in TREE_PROGRAMS {
+            let program: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| Error::LoadProgram { name, source })?;
+            let pin = options.pin_dir.as_ref().map(|dir| bpffs::links_dir(dir).join(name));
+            if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+                // Raw tracepoint links cannot be updated in place. Missing a
+                // mkdir between the two is harmless: the collector walks the
+                // tree once at start anyway.
+                fs::remove_file(pin).map_err(|source| Error::Unpin { pin_dir: pin.clone(), source })?;
+            }
+            let id = program.attach(name).map_err(|source| Error::AttachTracepoint {
+                name,
+                tracepoint: name,
+                source,
+            })?;
+            if let Some(pin) = pin {
+                let link = program.take_link(id).map_err(|source| Error::LoadProgram { name, source })?;
+                pinned_links.push(pin_link(FdLink::from(link), &pin, name, &mut guard)?);
+            }
+        }
+
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let info = DaemonInfo {
+            pid: std::process::id(),
+            cgroup_root: options.cgroup_root.clone(),
+            attached: previous.map_or_else(SystemTime::now, |previous| previous.attached),
+        };
+        let mut info_map = None;
+        if options.pin_dir.is_some() {
+            let mut map: Array<MapData, AgentInfo> = take_map(&mut ebpf, maps::AGENT_INFO)?;
+            map.set(0, encode_info(&info)?, 0)
+                .map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+            info_map = Some(map);
+        }
+        guard.armed = false;
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                _pinned_links: pinned_links,
+                info_map,
+                info,
+                pin_dir: options.pin_dir.clone(),
+            },
+            maps,
+        ))
+    }
+
+    /// What this process recorded about itself.
+    #[must_use]
+    pub const fn info(&self) -> &DaemonInfo {
+        &self.info
+    }
+
+    /// Stops: with `keep_pinned` the programs stay attached through their
+    /// pins (and keep counting) for the next daemon to take over; otherwise
+    /// the pins are removed and the programs detach.
+    pub fn shutdown(mut self, keep_pinned: bool) -> Result<(), Error> {
+        let Some(pin_dir) = self.pin_dir.take() else { return Ok(()) };
+        if keep_pinned {
+            if let Some(map) = self.info_map.as_mut() {
+                let gone = DaemonInfo { pid: 0, ..self.info.clone() };
+                map.set(0, encode_info(&gone)?, 0)
+                    .map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+            }
+            return Ok(());
+        }
+        bpffs::remove_pin_dir(&pin_dir).map_err(|source| Error::Unpin { pin_dir, source })
+        // Dropping self closes the last link fds: the programs detach.
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+    program.try_into().map_err(|source| Error::LoadProgram { name, source })
+}
+
+fn pin_link(
+    link: FdLink,
+    pin: &Path,
+    name: &'static str,
+    guard: &mut StartGuard,
+) -> Result<PinnedLink, Error> {
+    let pinned = link.pin(pin).map_err(|source| Error::Pin {
+        what: name,
+        path: pin.into(),
+        source: Box::new(source),
+    })?;
+    guard.created.push(pin.into());
+    Ok(pinned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_info_round_trips_through_the_map_layout() {
+        let info = DaemonInfo {
+            pid: 4242,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup/unified/some where"),
+            attached: UNIX_EPOCH + std::time::Duration::from_nanos(1_700_000_000_123_456_789),
+        };
+        let raw = encode_info(&info).unwrap();
+        assert_eq!(raw.layout, LAYOUT_VERSION);
+        assert_eq!(decode_info(&raw), info);
+    }
+
+    #[test]
+    fn a_root_longer_than_path_max_is_refused() {
+        let info = DaemonInfo {
+            pid: 1,
+            cgroup_root: PathBuf::from("/".repeat(AGENT_INFO_PATH_MAX + 1)),
+            attached: UNIX_EPOCH,
+        };
+        assert!(matches!(encode_info(&info), Err(Error::RootTooLong { .. })));
+    }
+}

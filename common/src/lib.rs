@@ -1,0 +1,92 @@
+//! Layouts and names shared by the kernel programs (`ebpf`) and the userspace
+//! agent. Everything here is `#[repr(C)]` with explicit padding and integer
+//! flags (never `bool`), so both sides agree byte for byte.
+//!
+//! The `user` feature adds `aya::Pod` impls for userspace.
+#![no_std]
+
+pub mod net;
+
+pub use net::NetCounters;
+
+/// Bumped whenever a map's key or value layout changes. The daemon records it
+/// in [`AgentInfo::layout`]; a reader built with another layout refuses the
+/// daemon's pins instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Default capacity of the per-cgroup maps: how many cgroups can be counted at
+/// once. Overridden at load time with `--max-cgroups`.
+pub const DEFAULT_MAX_CGROUPS: u32 = 8192;
+
+/// Names of the maps, as declared in `ebpf` and pinned under `<pin-dir>/maps/`.
+pub mod maps {
+    /// Per-CPU hash: cgroup id (u64) → [`crate::NetCounters`].
+    pub const NET_STATS: &str = "NET_STATS";
+    /// Per-CPU array of one [`crate::NetCounters`]: traffic that could not be
+    /// counted because `NET_STATS` was full.
+    pub const NET_UNCOUNTED: &str = "NET_UNCOUNTED";
+    /// Per-CPU array of one u64: incremented on every cgroup mkdir, rmdir and
+    /// rename, so userspace re-walks the cgroup tree only when it changed.
+    pub const CGROUP_GENERATION: &str = "CGROUP_GENERATION";
+    /// Array of one [`crate::AgentInfo`], written by the daemon at start.
+    pub const AGENT_INFO: &str = "AGENT_INFO";
+
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 4] = [NET_STATS, NET_UNCOUNTED, CGROUP_GENERATION, AGENT_INFO];
+}
+
+/// Names of the programs (their function names in `ebpf`).
+pub mod programs {
+    /// cgroup_skb/ingress: counts received bytes and packets per cgroup.
+    pub const NET_INGRESS: &str = "net_ingress";
+    /// cgroup_skb/egress: counts sent bytes and packets per cgroup.
+    pub const NET_EGRESS: &str = "net_egress";
+    /// cgroup_skb that only allows: the baseline of `cargo xtask bench net`.
+    pub const NET_EMPTY: &str = "net_empty";
+    /// Raw tracepoints that bump `CGROUP_GENERATION`.
+    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
+    pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
+    pub const CGROUP_RENAME: &str = "cgroup_rename";
+}
+
+/// Longest cgroup root path [`AgentInfo`] can record (PATH_MAX).
+pub const AGENT_INFO_PATH_MAX: usize = 4096;
+
+/// What a running daemon records about itself in the `AGENT_INFO` map, so that
+/// `agent stats` and `agent top` can read its pins without being told how it
+/// was started.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentInfo {
+    /// [`LAYOUT_VERSION`] of the daemon that created the maps.
+    pub layout: u32,
+    /// Process id of the daemon; 0 when no daemon owns the pins any more
+    /// (left behind with `--keep-pinned`).
+    pub pid: u32,
+    /// When the programs were first attached, in ns since the Unix epoch.
+    pub attached_unix_ns: u64,
+    /// Length of `cgroup_root` in bytes.
+    pub cgroup_root_len: u32,
+    pub _pad: u32,
+    /// The cgroup v2 directory the programs are attached to (not NUL-terminated).
+    pub cgroup_root: [u8; AGENT_INFO_PATH_MAX],
+}
+
+impl AgentInfo {
+    pub const EMPTY: Self = Self {
+        layout: 0,
+        pid: 0,
+        attached_unix_ns: 0,
+        cgroup_root_len: 0,
+        _pad: 0,
+        cgroup_root: [0; AGENT_INFO_PATH_MAX],
+    };
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit padding.
+    unsafe impl aya::Pod for crate::NetCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::AgentInfo {}
+}
