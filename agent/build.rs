@@ -9,7 +9,11 @@ fn main() -> anyhow::Result<()> {
     let toolchain = std::env::var("AGENT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-bpf".into());
     println!("cargo:rerun-if-env-changed=AGENT_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-changed=../common/src");
-    let ebpf = Package { name: "ebpf", root_dir: "../ebpf", ..Default::default() };
+    let ebpf = Package {
+        name: "ebpf",
+        root_dir: "../ebpf",
+        ..Default::default()
+    };
     aya_build::build_ebpf([ebpf], Toolchain::Custom(&toolchain))
         .map_err(|e| anyhow!("{e:#}"))
         .context(

@@ -38,7 +38,10 @@ pub enum Error {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    #[expect(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but not everywhere")]
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64 but not everywhere"
+    )]
     nix::sys::statfs::statfs(path)
         .is_ok_and(|stat| i64::from(stat.filesystem_type().0) == BPF_FS_MAGIC)
 }
@@ -49,8 +52,10 @@ fn is_bpffs(path: &Path) -> bool {
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), Error> {
     let default_mount = Path::new(DEFAULT_MOUNT);
     if pin_dir.starts_with(default_mount) && !is_bpffs(default_mount) {
-        fs::create_dir_all(default_mount)
-            .map_err(|source| Error::Create { path: default_mount.into(), source })?;
+        fs::create_dir_all(default_mount).map_err(|source| Error::Create {
+            path: default_mount.into(),
+            source,
+        })?;
         nix::mount::mount(
             Some("bpf"),
             default_mount,
@@ -58,9 +63,15 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), Error> {
             nix::mount::MsFlags::empty(),
             Some("mode=0700"),
         )
-        .map_err(|errno| Error::Mount { path: default_mount.into(), source: errno.into() })?;
+        .map_err(|errno| Error::Mount {
+            path: default_mount.into(),
+            source: errno.into(),
+        })?;
     }
-    let existing = pin_dir.ancestors().find(|dir| dir.exists()).unwrap_or(Path::new("/"));
+    let existing = pin_dir
+        .ancestors()
+        .find(|dir| dir.exists())
+        .unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
         return Err(Error::NotBpffs {
             path: pin_dir.into(),

@@ -51,12 +51,16 @@ pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
     let mut fallback = None;
     for line in mountinfo.lines() {
         // id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() != Some("cgroup2") {
             continue;
         }
         let mut fields = left.split_whitespace();
-        let (Some(root), Some(mount_point)) = (fields.nth(3), fields.next()) else { continue };
+        let (Some(root), Some(mount_point)) = (fields.nth(3), fields.next()) else {
+            continue;
+        };
         let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
         if root == "/" {
             return Some(mount_point);
@@ -99,8 +103,10 @@ pub fn resolve_root(explicit: Option<&Path>) -> Result<PathBuf, Error> {
         Some(path) => path.to_path_buf(),
         None => {
             let path = Path::new("/proc/self/mountinfo");
-            let text = fs::read_to_string(path)
-                .map_err(|source| Error::Read { path: path.into(), source })?;
+            let text = fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.into(),
+                source,
+            })?;
             find_v2_mount(&text).ok_or(Error::NoV2Mount)?
         }
     };
@@ -109,7 +115,10 @@ pub fn resolve_root(explicit: Option<&Path>) -> Result<PathBuf, Error> {
         path: path.clone(),
         source: io::Error::from(errno),
     })?;
-    #[expect(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but not everywhere")]
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64 but not everywhere"
+    )]
     if i64::from(stat.filesystem_type().0) != CGROUP2_SUPER_MAGIC {
         let hint = fs::read_to_string("/proc/self/mountinfo")
             .ok()
@@ -125,7 +134,10 @@ pub fn resolve_root(explicit: Option<&Path>) -> Result<PathBuf, Error> {
 pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
     fs::metadata(path)
         .map(|meta| meta.ino())
-        .map_err(|source| Error::Read { path: path.into(), source })
+        .map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Every cgroup under a root, by id. Paths are relative to the root and start
@@ -141,8 +153,10 @@ impl CgroupTree {
     pub fn walk(root: &Path) -> Result<Self, Error> {
         let mut paths = HashMap::new();
         paths.insert(cgroup_id(root)?, "/".to_owned());
-        let entries =
-            fs::read_dir(root).map_err(|source| Error::Read { path: root.into(), source })?;
+        let entries = fs::read_dir(root).map_err(|source| Error::Read {
+            path: root.into(),
+            source,
+        })?;
         let mut stack = vec![(entries, String::new())];
         while let Some((entries, prefix)) = stack.last_mut() {
             let Some(entry) = entries.next() else {
@@ -156,7 +170,9 @@ impl CgroupTree {
             }
             let path = format!("{prefix}/{}", entry.file_name().to_string_lossy());
             let id = entry.ino();
-            let Ok(children) = fs::read_dir(entry.path()) else { continue };
+            let Ok(children) = fs::read_dir(entry.path()) else {
+                continue;
+            };
             paths.insert(id, path.clone());
             stack.push((children, path));
         }
@@ -205,9 +221,18 @@ mod tests {
 
     #[test]
     fn finds_hybrid_and_unified_mounts() {
-        assert_eq!(find_v2_mount(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_v2_mount(UNIFIED), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(find_v2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            find_v2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_v2_mount(UNIFIED),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            find_v2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -244,7 +269,9 @@ mod tests {
     fn a_root_that_is_not_cgroup2_is_refused_with_its_path() {
         let err = resolve_root(Some(Path::new("/tmp"))).unwrap_err();
         assert!(matches!(err, Error::NotV2 { .. }), "{err}");
-        assert!(err.to_string().starts_with("cgroup root /tmp is not in a cgroup v2 hierarchy"));
+        assert!(err
+            .to_string()
+            .starts_with("cgroup root /tmp is not in a cgroup v2 hierarchy"));
         let err = resolve_root(Some(Path::new("/nonexistent/x"))).unwrap_err();
         assert!(matches!(err, Error::RootMissing { .. }), "{err}");
     }

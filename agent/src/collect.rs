@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use common::{maps, NetCounters};
+use common::{maps, NetCounters, NET_SLOT_RECLAIMING};
 
 use crate::{cgroup::CgroupTree, loader::Maps};
 
@@ -68,13 +68,15 @@ pub struct Collector {
     /// The tree-change counter when `tree` was walked.
     tree_generation: Option<u64>,
     max_cgroups: u32,
+    /// Removed cgroups already posted in NET_EVICT, by slot index.
+    evictions: HashMap<u32, u64>,
     uncounted_warned: Option<(u64, Instant)>,
 }
 
 impl Collector {
     #[must_use]
     pub fn new(maps: Maps, root: &Path, role: Role) -> Self {
-        let max_cgroups = maps.net_stats_capacity();
+        let max_cgroups = maps.overflow_capacity();
         Self {
             maps,
             root: root.to_path_buf(),
@@ -82,6 +84,7 @@ impl Collector {
             tree: CgroupTree::default(),
             tree_generation: None,
             max_cgroups,
+            evictions: HashMap::new(),
             uncounted_warned: None,
         }
     }
@@ -97,17 +100,23 @@ impl Collector {
             .maps
             .cgroup_generation
             .get(&0, 0)
-            .map_err(|source| Error::Map { name: maps::CGROUP_GENERATION, source })?;
-        Ok(values.iter().fold(0u64, |sum, value| sum.wrapping_add(*value)))
+            .map_err(|source| Error::Map {
+                name: maps::CGROUP_GENERATION,
+                source,
+            })?;
+        Ok(values
+            .iter()
+            .fold(0u64, |sum, value| sum.wrapping_add(*value)))
     }
 
     /// Reads every counter once.
     ///
     /// The tree is walked again only when a cgroup was created, removed or
     /// renamed since the last walk (the kernel's tree-change counter moved).
-    /// As owner, entries of cgroups that are gone are deleted from the map,
-    /// but only when no cgroup changed between the walk and the map read, so
-    /// a cgroup created meanwhile is never mistaken for a removed one.
+    /// As owner, the counters of cgroups that are gone are dropped (overflow
+    /// entries deleted, slots posted for reclaim), but only when no cgroup
+    /// changed between the walk and the map reads, so that a cgroup created
+    /// meanwhile is never mistaken for a removed one.
     pub fn sample(&mut self) -> Result<Sample, Error> {
         let generation = self.generation()?;
         if self.tree_generation != Some(generation) {
@@ -117,34 +126,64 @@ impl Collector {
         let taken = SystemTime::now();
         let at = Instant::now();
         let mut net: HashMap<u64, NetCounters> = HashMap::with_capacity(self.tree.len());
-        for entry in self.maps.net_stats.iter() {
+        let mut dead_slots = Vec::new();
+        let tables = self
+            .maps
+            .net_slots
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: maps::NET_SLOTS,
+                source,
+            })?;
+        for table in tables.iter() {
+            for (index, slot) in table.slots.iter().enumerate() {
+                if slot.cgroup_id == 0 || slot.cgroup_id == NET_SLOT_RECLAIMING {
+                    continue;
+                }
+                if !self.tree.contains(slot.cgroup_id) {
+                    dead_slots.push((index as u32, slot.cgroup_id));
+                    continue;
+                }
+                let total = net.entry(slot.cgroup_id).or_insert(NetCounters::ZERO);
+                *total = total.plus(slot.counters());
+            }
+        }
+        let mut dead_overflow = Vec::new();
+        for entry in self.maps.net_overflow.iter() {
             let (id, per_cpu) = match entry {
                 Ok(entry) => entry,
                 // Removed between get_next_key and lookup.
                 Err(MapError::KeyNotFound) => continue,
-                Err(source) => return Err(Error::Map { name: maps::NET_STATS, source }),
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: maps::NET_OVERFLOW,
+                        source,
+                    })
+                }
             };
-            let total = per_cpu.iter().fold(NetCounters::ZERO, |sum, cpu| sum.plus(*cpu));
-            net.insert(id, total);
+            if !self.tree.contains(id) {
+                dead_overflow.push(id);
+                continue;
+            }
+            let total = net.entry(id).or_insert(NetCounters::ZERO);
+            *total = per_cpu.iter().fold(*total, |sum, cpu| sum.plus(*cpu));
         }
         let uncounted = self
             .maps
             .net_uncounted
             .get(&0, 0)
-            .map_err(|source| Error::Map { name: maps::NET_UNCOUNTED, source })?
+            .map_err(|source| Error::Map {
+                name: maps::NET_UNCOUNTED,
+                source,
+            })?
             .iter()
             .fold(NetCounters::ZERO, |sum, cpu| sum.plus(*cpu));
 
-        if self.role == Role::Owner {
-            let stale: Vec<u64> = net.keys().copied().filter(|id| !self.tree.contains(*id)).collect();
-            if !stale.is_empty() && self.generation()? == generation {
-                for id in stale {
-                    match self.maps.net_stats.remove(&id) {
-                        Ok(()) | Err(MapError::KeyNotFound) => {}
-                        Err(source) => return Err(Error::Map { name: maps::NET_STATS, source }),
-                    }
-                }
-            }
+        if self.role == Role::Owner
+            && !(dead_slots.is_empty() && dead_overflow.is_empty())
+            && self.generation()? == generation
+        {
+            self.forget(&dead_slots, &dead_overflow)?;
         }
         self.warn_uncounted(&uncounted, at);
 
@@ -158,7 +197,43 @@ impl Collector {
             })
             .collect();
         cgroups.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Sample { taken, at, cgroup_root: self.root.clone(), cgroups, uncounted })
+        Ok(Sample {
+            taken,
+            at,
+            cgroup_root: self.root.clone(),
+            cgroups,
+            uncounted,
+        })
+    }
+
+    /// Drops what the maps hold for removed cgroups: overflow entries are
+    /// deleted; slots (which only their CPU's programs may write) are posted
+    /// in NET_EVICT, and the next cgroup that needs one takes it over.
+    fn forget(&mut self, dead_slots: &[(u32, u64)], dead_overflow: &[u64]) -> Result<(), Error> {
+        for id in dead_overflow {
+            match self.maps.net_overflow.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: maps::NET_OVERFLOW,
+                        source,
+                    })
+                }
+            }
+        }
+        for &(index, id) in dead_slots {
+            if self.evictions.get(&index) != Some(&id) {
+                self.maps
+                    .net_evict
+                    .set(index, id, 0)
+                    .map_err(|source| Error::Map {
+                        name: maps::NET_EVICT,
+                        source,
+                    })?;
+                self.evictions.insert(index, id);
+            }
+        }
+        Ok(())
     }
 
     fn warn_uncounted(&mut self, uncounted: &NetCounters, now: Instant) {
@@ -174,7 +249,7 @@ impl Collector {
                 "{packets} packets could not be attributed to their cgroup because map {} is \
                  full ({} cgroups); they are reported as \"uncounted\": restart the daemon with \
                  a larger --max-cgroups",
-                maps::NET_STATS,
+                maps::NET_OVERFLOW,
                 self.max_cgroups,
             );
             self.uncounted_warned = Some((packets, now));
@@ -183,9 +258,12 @@ impl Collector {
 }
 
 impl Maps {
-    /// How many cgroups the per-cgroup map holds (0 when the kernel won't say).
-    fn net_stats_capacity(&self) -> u32 {
+    /// How many cgroups the overflow map holds (0 when the kernel won't say).
+    fn overflow_capacity(&self) -> u32 {
         use aya::maps::IterableMap as _;
-        self.net_stats.map().info().map_or(0, |info| info.max_entries())
+        self.net_overflow
+            .map()
+            .info()
+            .map_or(0, |info| info.max_entries())
     }
 }

@@ -20,7 +20,10 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use common::{maps, programs, AgentInfo, NetCounters, AGENT_INFO_PATH_MAX, LAYOUT_VERSION};
+use common::{
+    maps, programs, AgentInfo, NetCounters, NetSlotTable, AGENT_INFO_PATH_MAX, LAYOUT_VERSION,
+    NET_SLOTS, NET_SLOT_MASK,
+};
 
 use crate::{bpffs, sys};
 
@@ -35,8 +38,11 @@ const NET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
 ];
 
 /// Raw tracepoints that tell the collector the cgroup tree changed.
-const TREE_PROGRAMS: [&str; 3] =
-    [programs::CGROUP_MKDIR, programs::CGROUP_RMDIR, programs::CGROUP_RENAME];
+const TREE_PROGRAMS: [&str; 3] = [
+    programs::CGROUP_MKDIR,
+    programs::CGROUP_RMDIR,
+    programs::CGROUP_RENAME,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -113,7 +119,13 @@ pub enum Error {
         "the programs pinned at {pin_dir} are attached to {pinned_root}, not {requested_root}; \
          pass --cgroup-root {pinned_root}, or remove the pins with `rm -r {pin_dir}`"
     )]
-    OtherRoot { pin_dir: PathBuf, pinned_root: String, requested_root: PathBuf },
+    OtherRoot {
+        pin_dir: PathBuf,
+        pinned_root: String,
+        requested_root: PathBuf,
+    },
+    #[error("--net-slots {slots} is not a power of two between 1 and {NET_SLOTS}")]
+    BadSlots { slots: u32 },
     #[error("cgroup root path {path} is longer than {AGENT_INFO_PATH_MAX} bytes")]
     RootTooLong { path: PathBuf },
     #[error("removing the pins at {pin_dir} failed: {source}")]
@@ -155,7 +167,9 @@ fn program_hint(err: &ProgramError) -> &'static str {
 
 /// Typed handles to the maps the collector reads.
 pub struct Maps {
-    pub net_stats: PerCpuHashMap<MapData, u64, NetCounters>,
+    pub net_slots: PerCpuArray<MapData, NetSlotTable>,
+    pub net_overflow: PerCpuHashMap<MapData, u64, NetCounters>,
+    pub net_evict: Array<MapData, u64>,
     pub net_uncounted: PerCpuArray<MapData, NetCounters>,
     pub cgroup_generation: PerCpuArray<MapData, u64>,
 }
@@ -163,9 +177,21 @@ pub struct Maps {
 impl Maps {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
         Ok(Self {
-            net_stats: take_map(ebpf, maps::NET_STATS)?,
+            net_slots: take_map(ebpf, maps::NET_SLOTS)?,
+            net_overflow: take_map(ebpf, maps::NET_OVERFLOW)?,
+            net_evict: take_map(ebpf, maps::NET_EVICT)?,
             net_uncounted: take_map(ebpf, maps::NET_UNCOUNTED)?,
             cgroup_generation: take_map(ebpf, maps::CGROUP_GENERATION)?,
+        })
+    }
+
+    fn from_pins(pin_dir: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            net_slots: open_pinned(pin_dir, maps::NET_SLOTS)?,
+            net_overflow: open_pinned(pin_dir, maps::NET_OVERFLOW)?,
+            net_evict: open_pinned(pin_dir, maps::NET_EVICT)?,
+            net_uncounted: open_pinned(pin_dir, maps::NET_UNCOUNTED)?,
+            cgroup_generation: open_pinned(pin_dir, maps::CGROUP_GENERATION)?,
         })
     }
 }
@@ -185,8 +211,8 @@ where
     let path = bpffs::maps_dir(pin_dir).join(name);
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
     let map = match name {
-        maps::NET_STATS => Map::PerCpuHashMap(data),
-        maps::AGENT_INFO => Map::Array(data),
+        maps::NET_OVERFLOW => Map::PerCpuHashMap(data),
+        maps::AGENT_INFO | maps::NET_EVICT => Map::Array(data),
         _ => Map::PerCpuArray(data),
     };
     T::try_from(map).map_err(|source| Error::Map { name, source })
@@ -222,15 +248,16 @@ fn encode_info(info: &DaemonInfo) -> Result<AgentInfo, Error> {
     use std::os::unix::ffi::OsStrExt as _;
     let bytes = info.cgroup_root.as_os_str().as_bytes();
     if bytes.len() > AGENT_INFO_PATH_MAX {
-        return Err(Error::RootTooLong { path: info.cgroup_root.clone() });
+        return Err(Error::RootTooLong {
+            path: info.cgroup_root.clone(),
+        });
     }
     let mut raw = AgentInfo::EMPTY;
     raw.layout = LAYOUT_VERSION;
     raw.pid = info.pid;
-    raw.attached_unix_ns = info
-        .attached
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
+    raw.attached_unix_ns = info.attached.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    });
     raw.cgroup_root_len = bytes.len() as u32;
     raw.cgroup_root[..bytes.len()].copy_from_slice(bytes);
     Ok(raw)
@@ -242,10 +269,15 @@ fn read_pinned_info(pin_dir: &Path) -> Result<Option<DaemonInfo>, Error> {
         return Ok(None);
     }
     let info: Array<MapData, AgentInfo> = open_pinned(pin_dir, maps::AGENT_INFO)?;
-    let raw =
-        info.get(&0, 0).map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+    let raw = info.get(&0, 0).map_err(|source| Error::Map {
+        name: maps::AGENT_INFO,
+        source,
+    })?;
     if raw.layout != LAYOUT_VERSION {
-        return Err(Error::IncompatiblePins { pin_dir: pin_dir.into(), found: raw.layout });
+        return Err(Error::IncompatiblePins {
+            pin_dir: pin_dir.into(),
+            found: raw.layout,
+        });
     }
     Ok(Some(decode_info(&raw)))
 }
@@ -253,13 +285,10 @@ fn read_pinned_info(pin_dir: &Path) -> Result<Option<DaemonInfo>, Error> {
 /// The maps of a running daemon, opened from its pins (for `agent stats` and
 /// `agent top` next to a daemon).
 pub fn open_pins(pin_dir: &Path) -> Result<(Maps, DaemonInfo), Error> {
-    let info = read_pinned_info(pin_dir)?.ok_or_else(|| Error::NoDaemon { pin_dir: pin_dir.into() })?;
-    let maps = Maps {
-        net_stats: open_pinned(pin_dir, maps::NET_STATS)?,
-        net_uncounted: open_pinned(pin_dir, maps::NET_UNCOUNTED)?,
-        cgroup_generation: open_pinned(pin_dir, maps::CGROUP_GENERATION)?,
-    };
-    Ok((maps, info))
+    let info = read_pinned_info(pin_dir)?.ok_or_else(|| Error::NoDaemon {
+        pin_dir: pin_dir.into(),
+    })?;
+    Ok((Maps::from_pins(pin_dir)?, info))
 }
 
 /// Whether a daemon's pins exist at `pin_dir`.
@@ -273,8 +302,10 @@ pub fn pins_exist(pin_dir: &Path) -> bool {
 pub struct Options {
     /// The cgroup v2 directory to attach to (already validated).
     pub cgroup_root: PathBuf,
-    /// Capacity of the per-cgroup maps.
+    /// Capacity of the overflow map (cgroups without a slot).
     pub max_cgroups: u32,
+    /// Slots per CPU in use: a power of two, at most [`NET_SLOTS`].
+    pub net_slots: u32,
     /// Pin everything here (the daemon), or nothing (`agent top` on its own).
     pub pin_dir: Option<PathBuf>,
 }
@@ -308,7 +339,11 @@ impl Drop for StartGuard {
         }
         if let Some(pin_dir) = &self.pin_dir {
             // Only empty directories go; a previous daemon's pins stay.
-            for dir in [bpffs::maps_dir(pin_dir), bpffs::links_dir(pin_dir), pin_dir.clone()] {
+            for dir in [
+                bpffs::maps_dir(pin_dir),
+                bpffs::links_dir(pin_dir),
+                pin_dir.clone(),
+            ] {
                 let _ = fs::remove_dir(dir);
             }
         }
@@ -324,13 +359,21 @@ impl Attached {
     /// program atomically (BPF_LINK_UPDATE), so no packet goes uncounted or is
     /// counted twice across the restart.
     pub fn load(options: &Options) -> Result<(Self, Maps), Error> {
+        if !options.net_slots.is_power_of_two() || options.net_slots as usize > NET_SLOTS {
+            return Err(Error::BadSlots {
+                slots: options.net_slots,
+            });
+        }
         let mut previous = None;
         if let Some(pin_dir) = &options.pin_dir {
             bpffs::prepare_pin_dir(pin_dir)?;
             previous = read_pinned_info(pin_dir)?;
             if let Some(info) = &previous {
                 if info.is_alive() && info.pid != std::process::id() {
-                    return Err(Error::DaemonRunning { pin_dir: pin_dir.clone(), pid: info.pid });
+                    return Err(Error::DaemonRunning {
+                        pin_dir: pin_dir.clone(),
+                        pid: info.pid,
+                    });
                 }
                 if info.cgroup_root != options.cgroup_root {
                     return Err(Error::OtherRoot {
@@ -341,10 +384,16 @@ impl Attached {
                 }
             }
         }
-        let mut guard = StartGuard { created: Vec::new(), pin_dir: options.pin_dir.clone(), armed: true };
+        let mut guard = StartGuard {
+            created: Vec::new(),
+            pin_dir: options.pin_dir.clone(),
+            armed: true,
+        };
 
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::NET_STATS, options.max_cgroups);
+        loader.map_max_entries(maps::NET_OVERFLOW, options.max_cgroups);
+        let mask = u64::from(options.net_slots - 1);
+        loader.override_global(NET_SLOT_MASK, &mask, true);
         let map_pins: Vec<(&str, PathBuf)> = options
             .pin_dir
             .iter()
@@ -356,24 +405,40 @@ impl Attached {
             }
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load { source })?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| Error::Load { source })?;
 
-        let cgroup = fs::File::open(&options.cgroup_root)
-            .map_err(|source| Error::OpenCgroup { path: options.cgroup_root.clone(), source })?;
+        let cgroup = fs::File::open(&options.cgroup_root).map_err(|source| Error::OpenCgroup {
+            path: options.cgroup_root.clone(),
+            source,
+        })?;
         let mut pinned_links = Vec::new();
         for (name, attach_type) in NET_PROGRAMS {
             let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| Error::LoadProgram { name, source })?;
-            let pin = options.pin_dir.as_ref().map(|dir| bpffs::links_dir(dir).join(name));
+            program
+                .load()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+            let pin = options
+                .pin_dir
+                .as_ref()
+                .map(|dir| bpffs::links_dir(dir).join(name));
             if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
-                let link = sys::obj_get(pin)
-                    .map_err(|source| Error::LinkUpdate { path: pin.clone(), source })?;
-                let fd = program.fd().map_err(|source| Error::LoadProgram { name, source })?;
+                let link = sys::obj_get(pin).map_err(|source| Error::LinkUpdate {
+                    path: pin.clone(),
+                    source,
+                })?;
+                let fd = program
+                    .fd()
+                    .map_err(|source| Error::LoadProgram { name, source })?;
                 sys::link_update(
                     std::os::fd::AsFd::as_fd(&link),
                     std::os::fd::AsFd::as_fd(fd),
                 )
-                .map_err(|source| Error::LinkUpdate { path: pin.clone(), source })?;
+                .map_err(|source| Error::LinkUpdate {
+                    path: pin.clone(),
+                    source,
+                })?;
                 continue;
             }
             // Single: through bpf_link the attachment is multi-attach anyway,
@@ -386,7 +451,9 @@ impl Attached {
                     source,
                 })?;
             if let Some(pin) = pin {
-                let link = program.take_link(id).map_err(|source| Error::LoadProgram { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| Error::LoadProgram { name, source })?;
                 let link = FdLink::try_from(link).map_err(|source| Error::Pin {
                     what: name,
                     path: pin.clone(),
@@ -397,21 +464,33 @@ impl Attached {
         }
         for name in TREE_PROGRAMS {
             let program: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| Error::LoadProgram { name, source })?;
-            let pin = options.pin_dir.as_ref().map(|dir| bpffs::links_dir(dir).join(name));
+            program
+                .load()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+            let pin = options
+                .pin_dir
+                .as_ref()
+                .map(|dir| bpffs::links_dir(dir).join(name));
             if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
                 // Raw tracepoint links cannot be updated in place. Missing a
                 // mkdir between the two is harmless: the collector walks the
                 // tree once at start anyway.
-                fs::remove_file(pin).map_err(|source| Error::Unpin { pin_dir: pin.clone(), source })?;
+                fs::remove_file(pin).map_err(|source| Error::Unpin {
+                    pin_dir: pin.clone(),
+                    source,
+                })?;
             }
-            let id = program.attach(name).map_err(|source| Error::AttachTracepoint {
-                name,
-                tracepoint: name,
-                source,
-            })?;
+            let id = program
+                .attach(name)
+                .map_err(|source| Error::AttachTracepoint {
+                    name,
+                    tracepoint: name,
+                    source,
+                })?;
             if let Some(pin) = pin {
-                let link = program.take_link(id).map_err(|source| Error::LoadProgram { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| Error::LoadProgram { name, source })?;
                 pinned_links.push(pin_link(FdLink::from(link), &pin, name, &mut guard)?);
             }
         }
@@ -426,7 +505,10 @@ impl Attached {
         if options.pin_dir.is_some() {
             let mut map: Array<MapData, AgentInfo> = take_map(&mut ebpf, maps::AGENT_INFO)?;
             map.set(0, encode_info(&info)?, 0)
-                .map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+                .map_err(|source| Error::Map {
+                    name: maps::AGENT_INFO,
+                    source,
+                })?;
             info_map = Some(map);
         }
         guard.armed = false;
@@ -452,12 +534,20 @@ impl Attached {
     /// pins (and keep counting) for the next daemon to take over; otherwise
     /// the pins are removed and the programs detach.
     pub fn shutdown(mut self, keep_pinned: bool) -> Result<(), Error> {
-        let Some(pin_dir) = self.pin_dir.take() else { return Ok(()) };
+        let Some(pin_dir) = self.pin_dir.take() else {
+            return Ok(());
+        };
         if keep_pinned {
             if let Some(map) = self.info_map.as_mut() {
-                let gone = DaemonInfo { pid: 0, ..self.info.clone() };
+                let gone = DaemonInfo {
+                    pid: 0,
+                    ..self.info.clone()
+                };
                 map.set(0, encode_info(&gone)?, 0)
-                    .map_err(|source| Error::Map { name: maps::AGENT_INFO, source })?;
+                    .map_err(|source| Error::Map {
+                        name: maps::AGENT_INFO,
+                        source,
+                    })?;
             }
             return Ok(());
         }
@@ -470,8 +560,12 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
-    program.try_into().map_err(|source| Error::LoadProgram { name, source })
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?;
+    program
+        .try_into()
+        .map_err(|source| Error::LoadProgram { name, source })
 }
 
 fn pin_link(

@@ -69,7 +69,10 @@ impl Net {
 /// backwards (map entry recreated) counts as a restart from zero.
 fn rate(previous: u64, current: u64, seconds: f64) -> f64 {
     let delta = current.checked_sub(previous).unwrap_or(current);
-    #[expect(clippy::cast_precision_loss, reason = "rates are for display and export")]
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "rates are for display and export"
+    )]
     let delta = delta as f64;
     delta / seconds
 }
@@ -91,12 +94,19 @@ impl Snapshot {
     #[must_use]
     pub fn new(current: &Sample, previous: Option<&Sample>) -> Self {
         let interval = previous
-            .map(|previous| current.at.saturating_duration_since(previous.at).as_secs_f64())
+            .map(|previous| {
+                current
+                    .at
+                    .saturating_duration_since(previous.at)
+                    .as_secs_f64()
+            })
             .filter(|seconds| *seconds > 0.0);
         let before: HashMap<u64, &NetCounters> = match (previous, interval) {
-            (Some(previous), Some(_)) => {
-                previous.cgroups.iter().map(|cgroup| (cgroup.id, &cgroup.net)).collect()
-            }
+            (Some(previous), Some(_)) => previous
+                .cgroups
+                .iter()
+                .map(|cgroup| (cgroup.id, &cgroup.net))
+                .collect(),
             _ => HashMap::new(),
         };
         let cgroups = current
@@ -105,10 +115,17 @@ impl Snapshot {
             .map(|cgroup| {
                 let mut net = Net::totals(cgroup.net);
                 if let Some(seconds) = interval {
-                    let previous = before.get(&cgroup.id).copied().unwrap_or(&NetCounters::ZERO);
+                    let previous = before
+                        .get(&cgroup.id)
+                        .copied()
+                        .unwrap_or(&NetCounters::ZERO);
                     net.rates = Some(NetRates::between(previous, &cgroup.net, seconds));
                 }
-                CgroupSnapshot { id: cgroup.id, path: cgroup.path.clone(), net }
+                CgroupSnapshot {
+                    id: cgroup.id,
+                    path: cgroup.path.clone(),
+                    net,
+                }
             })
             .collect();
         Self {
@@ -141,7 +158,12 @@ mod tests {
                 .map(|&(id, path, rx_bytes, tx_bytes)| CgroupSample {
                     id,
                     path: path.into(),
-                    net: NetCounters { rx_bytes, rx_packets: rx_bytes / 100, tx_bytes, tx_packets: tx_bytes / 100 },
+                    net: NetCounters {
+                        rx_bytes,
+                        rx_packets: rx_bytes / 100,
+                        tx_bytes,
+                        tx_packets: tx_bytes / 100,
+                    },
                 })
                 .collect(),
             uncounted: NetCounters::ZERO,
@@ -169,15 +191,27 @@ mod tests {
     fn two_samples_give_rates_per_second() {
         let start = Instant::now();
         let first = sample(start, &[(1, "/", 1000, 0), (7, "/a", 0, 500)]);
-        let second = sample(start + Duration::from_millis(500), &[(1, "/", 3000, 0), (7, "/a", 0, 500), (9, "/new", 400, 0)]);
+        let second = sample(
+            start + Duration::from_millis(500),
+            &[(1, "/", 3000, 0), (7, "/a", 0, 500), (9, "/new", 400, 0)],
+        );
         let snapshot = Snapshot::new(&second, Some(&first));
         assert_eq!(snapshot.interval_s, Some(0.5));
         let rates: Vec<_> = snapshot
             .cgroups
             .iter()
-            .map(|c| (c.path.as_str(), c.net.rates.unwrap().rx_bytes_per_s, c.net.rates.unwrap().tx_bytes_per_s))
+            .map(|c| {
+                (
+                    c.path.as_str(),
+                    c.net.rates.unwrap().rx_bytes_per_s,
+                    c.net.rates.unwrap().tx_bytes_per_s,
+                )
+            })
             .collect();
-        assert_eq!(rates, [("/", 4000.0, 0.0), ("/a", 0.0, 0.0), ("/new", 800.0, 0.0)]);
+        assert_eq!(
+            rates,
+            [("/", 4000.0, 0.0), ("/a", 0.0, 0.0), ("/new", 800.0, 0.0)]
+        );
         let json = serde_json::to_value(&snapshot).unwrap();
         assert_eq!(json["cgroups"][0]["net"]["rx_bytes_per_s"], 4000.0);
         assert_eq!(json["interval_s"], 0.5);

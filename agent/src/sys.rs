@@ -34,7 +34,12 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, correctly laid out bpf_attr prefix of the
     // size passed; the kernel zero-extends the rest.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<T>() as u32,
+        )
     };
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -48,7 +53,10 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-    let mut attr = ObjGetAttr { pathname: path.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned no fd"))?;
     // SAFETY: the kernel just returned this fd to us and nobody else owns it.

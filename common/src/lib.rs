@@ -7,23 +7,30 @@
 
 pub mod net;
 
-pub use net::NetCounters;
+pub use net::{NetCounters, NetSlot, NetSlotTable, NET_SLOTS, NET_SLOT_RECLAIMING};
 
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
-/// Default capacity of the per-cgroup maps: how many cgroups can be counted at
-/// once. Overridden at load time with `--max-cgroups`.
+/// Default capacity of the overflow map: how many cgroups without a slot of
+/// their own can be counted at once. Overridden at load time with `--max-cgroups`.
 pub const DEFAULT_MAX_CGROUPS: u32 = 8192;
 
 /// Names of the maps, as declared in `ebpf` and pinned under `<pin-dir>/maps/`.
 pub mod maps {
-    /// Per-CPU hash: cgroup id (u64) → [`crate::NetCounters`].
-    pub const NET_STATS: &str = "NET_STATS";
+    /// Per-CPU array of one [`crate::NetSlotTable`]: the fast path.
+    pub const NET_SLOTS: &str = "NET_SLOTS";
+    /// Per-CPU hash: cgroup id (u64) → [`crate::NetCounters`], for cgroups
+    /// whose slot another cgroup holds, and for nested egress.
+    pub const NET_OVERFLOW: &str = "NET_OVERFLOW";
+    /// Array of [`crate::NET_SLOTS`] u64: userspace posts the id of a removed
+    /// cgroup at its slot index, and the kernel hands such a slot to the
+    /// next cgroup that needs it.
+    pub const NET_EVICT: &str = "NET_EVICT";
     /// Per-CPU array of one [`crate::NetCounters`]: traffic that could not be
-    /// counted because `NET_STATS` was full.
+    /// counted because `NET_OVERFLOW` was full.
     pub const NET_UNCOUNTED: &str = "NET_UNCOUNTED";
     /// Per-CPU array of one u64: incremented on every cgroup mkdir, rmdir and
     /// rename, so userspace re-walks the cgroup tree only when it changed.
@@ -32,7 +39,14 @@ pub mod maps {
     pub const AGENT_INFO: &str = "AGENT_INFO";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 4] = [NET_STATS, NET_UNCOUNTED, CGROUP_GENERATION, AGENT_INFO];
+    pub const ALL: [&str; 6] = [
+        NET_SLOTS,
+        NET_OVERFLOW,
+        NET_EVICT,
+        NET_UNCOUNTED,
+        CGROUP_GENERATION,
+        AGENT_INFO,
+    ];
 }
 
 /// Names of the programs (their function names in `ebpf`).
@@ -48,6 +62,11 @@ pub mod programs {
     pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
     pub const CGROUP_RENAME: &str = "cgroup_rename";
 }
+
+/// Name of the global (in `.rodata`) holding the slot index mask, a power of
+/// two minus one no larger than `NET_SLOTS - 1`. Tests shrink it to force
+/// collisions onto the overflow path.
+pub const NET_SLOT_MASK: &str = "NET_SLOT_MASK";
 
 /// Longest cgroup root path [`AgentInfo`] can record (PATH_MAX).
 pub const AGENT_INFO_PATH_MAX: usize = 4096;
@@ -89,4 +108,8 @@ mod user {
     unsafe impl aya::Pod for crate::NetCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::AgentInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::NetSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::NetSlotTable {}
 }

@@ -5,6 +5,9 @@
 //! watched cgroup root): keep it small, per-CPU, and never emit per-event output.
 #![no_std]
 #![no_main]
+// BPF inline assembly (atomic add, compare-and-exchange) is unstable; see
+// RUSTC_BOOTSTRAP in .cargo/config.toml.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod cgroup;
 mod info;

@@ -1,40 +1,108 @@
 //! Per-cgroup network accounting: cgroup_skb programs attached once at the
-//! watched cgroup root, so they run for every socket below it.
+//! watched cgroup root, so they run for every packet of every socket below it.
+//!
+//! Fast path: each CPU has a table of [`NET_SLOTS`] one-cache-line slots in a
+//! single per-CPU array element; a cgroup owns slot `id & mask` on each CPU
+//! where it sent or received. The lookup is a fixed map element plus an
+//! offset, with no hashing. A cgroup whose slot is held by another live
+//! cgroup, and egress nested inside egress, go to the overflow hash with
+//! atomic adds; when that is full, to `NET_UNCOUNTED`.
+//!
+//! Exactness under nesting (see [`NetSlot`]): ingress runs with bottom halves
+//! disabled and never nests; egress in process context can be interrupted by
+//! ingress (other fields) and by egress in softirq (guarded by `busy`).
+//! Ownership changes only by compare-and-exchange.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::bpf_skb_cgroup_id,
     macros::{cgroup_skb, map},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
     programs::SkBuffContext,
+    Global,
 };
-use common::{NetCounters, DEFAULT_MAX_CGROUPS};
+use common::{
+    NetCounters, NetSlot, NetSlotTable, DEFAULT_MAX_CGROUPS, NET_SLOTS, NET_SLOT_RECLAIMING,
+};
+use core::ptr::{read_volatile, write_volatile};
 
 /// cgroup_skb verdict: let the packet through.
 const ALLOW: i32 = 1;
 
-#[map(name = "NET_STATS")]
-static NET_STATS: PerCpuHashMap<u64, NetCounters> =
+/// Slot index mask, frozen in .rodata at load time (so the verifier and JIT
+/// see a constant). Userspace may shrink it; it never exceeds the table.
+#[unsafe(no_mangle)]
+static NET_SLOT_MASK: Global<u64> = Global::new(NET_SLOTS as u64 - 1);
+
+#[map(name = "NET_SLOTS")]
+static SLOTS: PerCpuArray<NetSlotTable> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "NET_OVERFLOW")]
+static OVERFLOW: PerCpuHashMap<u64, NetCounters> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
 
-#[map(name = "NET_UNCOUNTED")]
-static NET_UNCOUNTED: PerCpuArray<NetCounters> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "NET_EVICT")]
+static EVICT: Array<u64> = Array::with_max_entries(NET_SLOTS as u32, 0);
 
-#[derive(Clone, Copy)]
-enum Direction {
-    Rx,
-    Tx,
-}
+#[map(name = "NET_UNCOUNTED")]
+static UNCOUNTED: PerCpuArray<NetCounters> = PerCpuArray::with_max_entries(1, 0);
 
 #[cgroup_skb(ingress)]
 pub fn net_ingress(ctx: SkBuffContext) -> i32 {
-    count(&ctx, Direction::Rx);
+    // The socket's cgroup, not the current task's: ingress runs in softirq,
+    // where the current task is whatever happened to be running.
+    // SAFETY: the context pointer is the program's own __sk_buff.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let len = u64::from(ctx.len());
+    match slot(id) {
+        // SAFETY: this CPU's slot; no other program touches rx_* while this
+        // one runs (ingress does not nest).
+        Some(slot) => unsafe {
+            write_volatile(
+                &raw mut (*slot).rx_bytes,
+                read_volatile(&raw const (*slot).rx_bytes) + len,
+            );
+            write_volatile(
+                &raw mut (*slot).rx_packets,
+                read_volatile(&raw const (*slot).rx_packets) + 1,
+            );
+        },
+        None => overflow(id, len, Direction::Rx),
+    }
     ALLOW
 }
 
 #[cgroup_skb(egress)]
 pub fn net_egress(ctx: SkBuffContext) -> i32 {
-    count(&ctx, Direction::Tx);
+    // SAFETY: as in net_ingress.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let len = u64::from(ctx.len());
+    if let Some(slot) = slot(id) {
+        // SAFETY: this CPU's slot. Marked busy before the tx read-modify-write
+        // so that egress nesting in softirq stays out; the owner is checked
+        // again once busy, since a reclaim may have come in between.
+        unsafe {
+            if read_volatile(&raw const (*slot).busy) == 0 {
+                write_volatile(&raw mut (*slot).busy, 1);
+                let still_ours = read_volatile(&raw const (*slot).cgroup_id) == id;
+                if still_ours {
+                    write_volatile(
+                        &raw mut (*slot).tx_bytes,
+                        read_volatile(&raw const (*slot).tx_bytes) + len,
+                    );
+                    write_volatile(
+                        &raw mut (*slot).tx_packets,
+                        read_volatile(&raw const (*slot).tx_packets) + 1,
+                    );
+                }
+                write_volatile(&raw mut (*slot).busy, 0);
+                if still_ours {
+                    return ALLOW;
+                }
+            }
+        }
+    }
+    overflow(id, len, Direction::Tx);
     ALLOW
 }
 
@@ -45,42 +113,137 @@ pub fn net_empty(_ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Rx,
+    Tx,
+}
+
+/// This CPU's slot for cgroup `id`, claiming it when free or left by a removed
+/// cgroup; `None` when another live cgroup holds it.
 #[inline(always)]
-fn count(ctx: &SkBuffContext, direction: Direction) {
-    // The socket's cgroup, not the current task's: ingress runs in softirq,
-    // where the current task is whatever happened to be running.
-    // SAFETY: the context pointer is the program's own __sk_buff.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let len = u64::from(ctx.len());
-    let counters = match NET_STATS.get_ptr_mut(cgroup_id) {
+fn slot(id: u64) -> Option<*mut NetSlot> {
+    let table = SLOTS.get_ptr_mut(0)?;
+    // The constant mask bounds the index for the verifier whatever the global says.
+    let index = (id & NET_SLOT_MASK.load() & (NET_SLOTS as u64 - 1)) as usize;
+    // SAFETY: index < NET_SLOTS, inside this CPU's table.
+    let slot = unsafe { (&raw mut (*table).slots).cast::<NetSlot>().add(index) };
+    // SAFETY: a valid slot pointer.
+    let owner = unsafe { read_volatile(&raw const (*slot).cgroup_id) };
+    if owner == id {
+        return Some(slot);
+    }
+    claim(slot, owner, id, index as u32)
+}
+
+#[inline(always)]
+fn claim(slot: *mut NetSlot, owner: u64, id: u64, index: u32) -> Option<*mut NetSlot> {
+    // SAFETY (whole block): `slot` points into this CPU's table.
+    unsafe {
+        let owner_field = &raw mut (*slot).cgroup_id;
+        if owner == 0 {
+            let previous = cmpxchg(owner_field, 0, id);
+            return (previous == 0 || previous == id).then_some(slot);
+        }
+        // Taken. Free it only if userspace posted the owner as removed, and
+        // no egress is inside its update.
+        if owner == NET_SLOT_RECLAIMING || EVICT.get(index).copied() != Some(owner) {
+            return None;
+        }
+        if read_volatile(&raw const (*slot).busy) != 0
+            || cmpxchg(owner_field, owner, NET_SLOT_RECLAIMING) != owner
+        {
+            return None;
+        }
+        // Readers skip RECLAIMING; the counters are zero before the new owner
+        // is published (stores are not reordered with stores on x86).
+        write_volatile(&raw mut (*slot).rx_bytes, 0);
+        write_volatile(&raw mut (*slot).rx_packets, 0);
+        write_volatile(&raw mut (*slot).tx_bytes, 0);
+        write_volatile(&raw mut (*slot).tx_packets, 0);
+        write_volatile(owner_field, id);
+        Some(slot)
+    }
+}
+
+/// The slow path: a cgroup without a slot on this CPU, or nested egress.
+/// Atomic adds, since programs on this path can interrupt each other.
+#[inline(never)]
+fn overflow(id: u64, len: u64, direction: Direction) {
+    let counters = match OVERFLOW.get_ptr_mut(id) {
         Some(counters) => counters,
         None => {
-            // First packet of this cgroup on this CPU. NOEXIST: if the other
-            // direction (softirq on this CPU) inserted it meanwhile, keep theirs.
-            let _ = NET_STATS.insert(cgroup_id, NetCounters::ZERO, u64::from(BPF_NOEXIST));
-            match NET_STATS.get_ptr_mut(cgroup_id) {
+            // NOEXIST: if a nested program inserted it meanwhile, keep theirs.
+            let _ = OVERFLOW.insert(id, NetCounters::ZERO, u64::from(BPF_NOEXIST));
+            match OVERFLOW.get_ptr_mut(id) {
                 Some(counters) => counters,
-                None => match NET_UNCOUNTED.get_ptr_mut(0) {
-                    // The map is full: count what was missed where userspace
-                    // reports it, rather than being silently wrong.
+                // Full: count what was missed where userspace reports it.
+                None => match UNCOUNTED.get_ptr_mut(0) {
                     Some(counters) => counters,
                     None => return,
                 },
             }
         }
     };
-    // SAFETY: a per-CPU map value of this CPU; preemption by the other
-    // direction touches the other fields only.
+    // SAFETY: map value pointers of this CPU.
     unsafe {
         match direction {
             Direction::Rx => {
-                (*counters).rx_bytes += len;
-                (*counters).rx_packets += 1;
+                atomic_add(&raw mut (*counters).rx_bytes, len);
+                atomic_add(&raw mut (*counters).rx_packets, 1);
             }
             Direction::Tx => {
-                (*counters).tx_bytes += len;
-                (*counters).tx_packets += 1;
+                atomic_add(&raw mut (*counters).tx_bytes, len);
+                atomic_add(&raw mut (*counters).tx_packets, 1);
             }
         }
     }
+}
+
+/// `lock *(u64 *)(ptr) += value` (BPF_ATOMIC | BPF_ADD). The bpf target's core
+/// has no atomic read-modify-write, so this is the instruction itself.
+#[inline(always)]
+unsafe fn atomic_add(ptr: *mut u64, value: u64) {
+    // SAFETY: the caller passes a valid map value pointer.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({ptr} + 0) += {value}",
+            ptr = in(reg) ptr,
+            value = in(reg) value,
+            options(nostack),
+        );
+    }
+    // Host builds (cargo check --workspace) only.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *ptr += value;
+    }
+}
+
+/// Compare-and-exchange (BPF_ATOMIC | BPF_CMPXCHG, ISA v3, Linux 5.12):
+/// stores `new` if `*ptr == expected`; returns what `*ptr` held.
+#[inline(always)]
+unsafe fn cmpxchg(ptr: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut previous = expected;
+    // SAFETY: the caller passes a valid map value pointer.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
+            ptr = in(reg) ptr,
+            new = in(reg) new,
+            inout("r0") previous,
+            options(nostack),
+        );
+    }
+    // Host builds (cargo check --workspace) only.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        previous = *ptr;
+        if previous == expected {
+            *ptr = new;
+        }
+    }
+    previous
 }

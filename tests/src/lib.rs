@@ -20,7 +20,7 @@ use std::{
 /// Fails the test unless it runs as root.
 pub fn require_root() {
     assert!(
-        nix::unistd::Uid::effective().is_root(),
+        nix::unistd::Uid::effective().as_raw() == 0,
         "the kernel integration tests load eBPF programs and create cgroups and network \
          namespaces: run them as root (`sudo -E cargo xtask test`)"
     );
@@ -29,7 +29,11 @@ pub fn require_root() {
 /// A name unique to this process and call, for cgroups, namespaces and pins.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The cgroup v2 mount of this host.
@@ -43,17 +47,30 @@ pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("AGENT_BIN") {
         return PathBuf::from(path);
     }
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/agent
+    // Next to a helper binary (target/<profile>/agent-bench), or one level
+    // up from a test (target/<profile>/deps/<test>-<hash>).
     let exe = std::env::current_exe().expect("current_exe");
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join("agent");
-    assert!(path.exists(), "{} is missing: build it with `cargo build -p agent` (cargo xtask test does)", path.display());
+    let dir = exe.parent().expect("exe dir");
+    let path = [dir.join("agent"), dir.parent().unwrap_or(dir).join("agent")]
+        .into_iter()
+        .find(|path| path.exists())
+        .unwrap_or_else(|| dir.join("agent"));
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p agent` (cargo xtask test does)",
+        path.display()
+    );
     path
 }
 
 /// The traffic helper binary (`src/bin/netpeer.rs`), built next to the agent.
 pub fn netpeer_bin() -> PathBuf {
     let path = agent_bin().with_file_name("netpeer");
-    assert!(path.exists(), "{} is missing: build it with `cargo build -p agent-tests --bins`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p agent-tests --bins`",
+        path.display()
+    );
     path
 }
 
@@ -90,8 +107,10 @@ impl Cgroup {
     /// that network namespace), before it executes.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>, netns: Option<&Netns>) -> Command {
         let mut command = Command::new(program);
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
-        let netns_path = netns.map(|ns| CString::new(format!("/run/netns/{}", ns.name)).expect("name"));
+        let procs =
+            CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
+        let netns_path =
+            netns.map(|ns| CString::new(format!("/run/netns/{}", ns.name)).expect("name"));
         // SAFETY: only async-signal-safe calls (open, write, setns, close)
         // between fork and exec, on buffers prepared before the fork.
         unsafe {
@@ -145,21 +164,62 @@ fn remove_cgroup_tree(path: &Path) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        for pid in fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default().lines() {
+        for pid in fs::read_to_string(path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
             if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         match fs::remove_dir(path) {
             Ok(()) => return,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
             Err(e) if Instant::now() > deadline => {
-                eprintln!("warning: could not remove test cgroup {}: {e}", path.display());
+                eprintln!(
+                    "warning: could not remove test cgroup {}: {e}",
+                    path.display()
+                );
                 return;
             }
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Makes `command` run on CPU `cpu` only (sched_setaffinity before exec), for
+/// tests whose expectations depend on per-CPU state.
+pub fn on_cpu(command: &mut Command, cpu: usize) -> &mut Command {
+    // SAFETY: sched_setaffinity on a stack cpu_set_t is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// How many programs are attached directly to `cgroup` (bpftool cgroup show).
+pub fn attachments(cgroup: &Path) -> usize {
+    let out = run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.display().to_string()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return 0;
+    }
+    serde_json::from_str::<serde_json::Value>(&text)
+        .expect("bpftool json")
+        .as_array()
+        .map_or(0, Vec::len)
 }
 
 /// Runs a command to completion, panicking with its output when it fails.
@@ -202,13 +262,18 @@ impl Netns {
     /// Reads `/sys/class/net/<dev>/statistics/<counter>` inside the namespace.
     pub fn counter(&self, dev: &str, counter: &str) -> u64 {
         let out = self.exec(&["cat", &format!("/sys/class/net/{dev}/statistics/{counter}")]);
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("counter")
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("counter")
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -240,19 +305,40 @@ impl VethPair {
         }
         run(
             "ip",
-            &["link", "add", &a_dev, "netns", &a.name, "address", a_mac, "type", "veth", "peer",
-              "name", &b_dev, "netns", &b.name, "address", b_mac],
+            &[
+                "link", "add", &a_dev, "netns", &a.name, "address", a_mac, "type", "veth", "peer",
+                "name", &b_dev, "netns", &b.name, "address", b_mac,
+            ],
         );
         let a_addr = format!("10.77.{n}.1");
         let b_addr = format!("10.77.{n}.2");
-        for (ns, dev, addr, peer_addr, peer_mac) in
-            [(&a, &a_dev, &a_addr, &b_addr, b_mac), (&b, &b_dev, &b_addr, &a_addr, a_mac)]
-        {
+        for (ns, dev, addr, peer_addr, peer_mac) in [
+            (&a, &a_dev, &a_addr, &b_addr, b_mac),
+            (&b, &b_dev, &b_addr, &a_addr, a_mac),
+        ] {
             ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev]);
-            ns.exec(&["ip", "neigh", "replace", peer_addr, "lladdr", peer_mac, "nud", "permanent", "dev", dev]);
+            ns.exec(&[
+                "ip",
+                "neigh",
+                "replace",
+                peer_addr,
+                "lladdr",
+                peer_mac,
+                "nud",
+                "permanent",
+                "dev",
+                dev,
+            ]);
             ns.exec(&["ip", "link", "set", dev, "up"]);
         }
-        Self { a, b, a_dev, b_dev, a_addr, b_addr }
+        Self {
+            a,
+            b,
+            a_dev,
+            b_dev,
+            a_addr,
+            b_addr,
+        }
     }
 }
 
@@ -272,7 +358,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(cgroup_root: &Path, extra: &[&str]) -> Self {
-        Self::start_with_pins(cgroup_root, &Path::new("/sys/fs/bpf").join(unique("agent-test")), extra)
+        Self::start_with_pins(
+            cgroup_root,
+            &Path::new("/sys/fs/bpf").join(unique("agent-test")),
+            extra,
+        )
     }
 
     pub fn start_with_pins(cgroup_root: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
@@ -301,7 +391,11 @@ impl Daemon {
             }
             all
         });
-        let mut daemon = Self { pin_dir: pin_dir.into(), child: Some(child), stderr: Some(stderr) };
+        let mut daemon = Self {
+            pin_dir: pin_dir.into(),
+            child: Some(child),
+            stderr: Some(stderr),
+        };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             let log = daemon.stop();
             panic!("agent daemon did not start:\n{log}");
@@ -316,7 +410,11 @@ impl Daemon {
             .arg(&self.pin_dir)
             .output()
             .expect("run agent stats");
-        assert!(output.status.success(), "agent stats failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "agent stats failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         serde_json::from_slice(&output.stdout).expect("agent stats --json prints JSON")
     }
 
@@ -335,7 +433,10 @@ impl Daemon {
                 thread::sleep(Duration::from_millis(20));
             }
         }
-        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Stops the daemon and returns its exit status and log.
@@ -347,7 +448,13 @@ impl Daemon {
             status = child.wait().ok();
             self.child = None;
         }
-        (status, self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+        (
+            status,
+            self.stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -378,8 +485,17 @@ pub fn net_of<'a>(stats: &'a serde_json::Value, path: &str) -> &'a serde_json::V
 
 /// `(rx_bytes, rx_packets, tx_bytes, tx_packets)` of a `net` object.
 pub fn counts(net: &serde_json::Value) -> (u64, u64, u64, u64) {
-    let get = |key: &str| net[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {net}"));
-    (get("rx_bytes"), get("rx_packets"), get("tx_bytes"), get("tx_packets"))
+    let get = |key: &str| {
+        net[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing in {net}"))
+    };
+    (
+        get("rx_bytes"),
+        get("rx_packets"),
+        get("tx_bytes"),
+        get("tx_packets"),
+    )
 }
 
 /// Waits for a line on a child's stdout (the helpers print `ready`).

@@ -16,7 +16,10 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Set up, build, run, test and benchmark the agent")]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, build, run, test and benchmark the agent"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -87,7 +90,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 pub fn cargo() -> Command {
@@ -98,9 +103,19 @@ pub fn cargo() -> Command {
 
 /// Builds the agent and the test helpers; returns the agent binary's path.
 fn build(release: bool) -> Result<PathBuf> {
-    setup::progress(&format!("building the agent{}", if release { " (release)" } else { "" }));
+    setup::progress(&format!(
+        "building the agent{}",
+        if release { " (release)" } else { "" }
+    ));
     let mut command = cargo();
-    command.args(["build", "--package", "agent", "--package", "agent-tests", "--bins"]);
+    command.args([
+        "build",
+        "--package",
+        "agent",
+        "--package",
+        "agent-tests",
+        "--bins",
+    ]);
     if release {
         command.arg("--release");
     }
@@ -108,11 +123,16 @@ fn build(release: bool) -> Result<PathBuf> {
     if !status.success() {
         bail!("building the agent failed ({status})");
     }
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("agent"))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("agent"))
 }
 
 fn test(args: &[String]) -> Result<()> {
-    setup::require_root("cargo xtask test (the kernel tests load eBPF programs and create cgroups)")?;
+    setup::require_root(
+        "cargo xtask test (the kernel tests load eBPF programs and create cgroups)",
+    )?;
     let agent = build(false)?;
     setup::progress("running the unit tests and the kernel integration tests");
     let status = cargo()

@@ -41,7 +41,10 @@ pub fn ensure() -> Result<()> {
     check_kernel()?;
     let missing = missing_packages()?;
     if !missing.is_empty() {
-        require_root(&format!("installing the Debian packages {}", missing.join(" ")))?;
+        require_root(&format!(
+            "installing the Debian packages {}",
+            missing.join(" ")
+        ))?;
         install_packages(&missing)?;
     }
     ensure_bpf_linker()?;
@@ -103,11 +106,18 @@ fn missing_packages() -> Result<Vec<&'static str>> {
         .filter(|(_, status)| status.starts_with("ii"))
         .map(|(name, _)| name)
         .collect();
-    Ok(PACKAGES.iter().copied().filter(|p| !installed.contains(p)).collect())
+    Ok(PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
 }
 
 fn install_packages(packages: &[&str]) -> Result<()> {
-    progress(&format!("installing Debian packages (a minute or two): {}", packages.join(" ")));
+    progress(&format!(
+        "installing Debian packages (a minute or two): {}",
+        packages.join(" ")
+    ));
     let apt = |args: &[&str]| -> Result<()> {
         let status = Command::new("apt-get")
             .args(["-o", "DPkg::Lock::Timeout=600", "-q"])
@@ -147,12 +157,23 @@ fn ensure_bpf_linker() -> Result<()> {
     if installed.as_deref() == Some(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
         return Ok(());
     }
-    progress(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"));
+    progress(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
+    ));
     // Without LLVM 22 first in PATH, bpf-linker's build finds Debian's
     // default llvm-config (14) and fails to link -lLLVM.
-    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22", "--force"])
         .env("PATH", path)
         .status()
@@ -181,7 +202,9 @@ fn ensure_toolchain() -> Result<()> {
     if listed {
         return Ok(());
     }
-    progress(&format!("linking Debian's rustc in /usr as the rustup toolchain {EBPF_TOOLCHAIN}"));
+    progress(&format!(
+        "linking Debian's rustc in /usr as the rustup toolchain {EBPF_TOOLCHAIN}"
+    ));
     let status = Command::new("rustup")
         .args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"])
         .status()

@@ -50,13 +50,15 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
 async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
     // Handlers first: a signal during set-up must still end in a clean exit.
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let root = cgroup::resolve_root(args.load.cgroup_root.as_deref())?;
     super::progress("agent: loading and attaching the eBPF programs...");
     let (attached, maps) = Attached::load(&Options {
         cgroup_root: root.clone(),
         max_cgroups: args.load.max_cgroups,
+        net_slots: args.load.net_slots,
         pin_dir: Some(args.pins.pin_dir.clone()),
     })?;
     log::info!(
@@ -86,7 +88,10 @@ async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
     let keep = args.keep_pinned;
     attached.shutdown(keep)?;
     if keep {
-        log::info!("stopped; the programs stay attached through the pins in {}", args.pins.pin_dir.display());
+        log::info!(
+            "stopped; the programs stay attached through the pins in {}",
+            args.pins.pin_dir.display()
+        );
     } else {
         log::info!("stopped; programs detached and pins removed");
     }

@@ -54,11 +54,18 @@ pub struct LoadArgs {
     #[arg(long, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
 
-    /// How many cgroups the per-cgroup maps hold; traffic of cgroups beyond
-    /// it is reported as "uncounted".
+    /// How many cgroups the overflow map holds. Each CPU counts up to 512
+    /// cgroups in its slot table; cgroups whose slot another cgroup holds go
+    /// to the overflow map, and traffic beyond its capacity is reported as
+    /// "uncounted".
     #[arg(long, value_name = "N", default_value_t = common::DEFAULT_MAX_CGROUPS,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_cgroups: u32,
+
+    /// Slots per CPU (a power of two up to 512). Only tests lower it, to make
+    /// cgroups collide.
+    #[arg(long, value_name = "N", default_value_t = common::NET_SLOTS as u32, hide = true)]
+    pub net_slots: u32,
 }
 
 /// Parses a duration such as `1s`, `500ms` or a plain number of seconds (`0.5`).
@@ -66,11 +73,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Duration::from_secs_f64(seconds),
         Ok(_) => return Err(format!("{text:?} is not a positive number of seconds")),
-        Err(_) => humantime::parse_duration(text)
-            .map_err(|err| format!("{text:?} is not a duration such as 1s, 500ms or 0.5 ({err})"))?,
+        Err(_) => humantime::parse_duration(text).map_err(|err| {
+            format!("{text:?} is not a duration such as 1s, 500ms or 0.5 ({err})")
+        })?,
     };
     if duration < Duration::from_millis(10) {
-        return Err(format!("{text:?} is shorter than the shortest interval, 10ms"));
+        return Err(format!(
+            "{text:?} is shorter than the shortest interval, 10ms"
+        ));
     }
     Ok(duration)
 }
@@ -103,9 +113,15 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("0").unwrap_err().contains("not a positive number"));
-        assert!(parse_duration("5QB").unwrap_err().contains("is not a duration"));
-        assert!(parse_duration("1ms").unwrap_err().contains("shortest interval"));
+        assert!(parse_duration("0")
+            .unwrap_err()
+            .contains("not a positive number"));
+        assert!(parse_duration("5QB")
+            .unwrap_err()
+            .contains("is not a duration"));
+        assert!(parse_duration("1ms")
+            .unwrap_err()
+            .contains("shortest interval"));
     }
 
     #[test]

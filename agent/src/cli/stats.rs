@@ -36,10 +36,14 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
 
 /// A collector reading the pins of the daemon at `pins.pin_dir`.
 pub fn open_daemon(pins: &PinArgs) -> anyhow::Result<Collector> {
-    if !loader::pins_exist(&pins.pin_dir) {
-        return Err(loader::Error::NoDaemon { pin_dir: pins.pin_dir.clone() }.into());
-    }
+    // Root first: bpffs is mode 0700, so without it the pins look absent.
     super::require_root("reading the daemon's pins")?;
+    if !loader::pins_exist(&pins.pin_dir) {
+        return Err(loader::Error::NoDaemon {
+            pin_dir: pins.pin_dir.clone(),
+        }
+        .into());
+    }
     let (maps, info) = loader::open_pins(&pins.pin_dir)?;
     if !info.is_alive() {
         log::warn!(

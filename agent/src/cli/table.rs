@@ -13,9 +13,13 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     if with_rates {
         rows.sort_by(|a, b| {
             let busy = |c: &crate::model::CgroupSnapshot| {
-                c.net.rates.map_or(0.0, |r| r.rx_bytes_per_s + r.tx_bytes_per_s)
+                c.net
+                    .rates
+                    .map_or(0.0, |r| r.rx_bytes_per_s + r.tx_bytes_per_s)
             };
-            busy(b).total_cmp(&busy(a)).then_with(|| a.path.cmp(&b.path))
+            busy(b)
+                .total_cmp(&busy(a))
+                .then_with(|| a.path.cmp(&b.path))
         });
     }
     let mut out = String::new();
@@ -26,14 +30,22 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
             "RX/s", "TX/s", "RX", "TX", "RX PKTS", "TX PKTS"
         );
     } else {
-        let _ = writeln!(out, "{:>10} {:>10} {:>8} {:>8}  CGROUP", "RX", "TX", "RX PKTS", "TX PKTS");
+        let _ = writeln!(
+            out,
+            "{:>10} {:>10} {:>8} {:>8}  CGROUP",
+            "RX", "TX", "RX PKTS", "TX PKTS"
+        );
     }
     let shown = max_rows.unwrap_or(usize::MAX);
     for cgroup in rows.iter().take(shown) {
         let net = &cgroup.net;
         #[expect(clippy::cast_precision_loss, reason = "display only")]
-        let (rx, tx, rxp, txp) =
-            (net.rx_bytes as f64, net.tx_bytes as f64, net.rx_packets as f64, net.tx_packets as f64);
+        let (rx, tx, rxp, txp) = (
+            net.rx_bytes as f64,
+            net.tx_bytes as f64,
+            net.rx_packets as f64,
+            net.tx_packets as f64,
+        );
         if let Some(rates) = net.rates {
             let _ = writeln!(
                 out,
@@ -63,7 +75,10 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     }
     let lost = snapshot.uncounted.rx_packets + snapshot.uncounted.tx_packets;
     if lost > 0 {
-        let _ = writeln!(out, "{lost} packets uncounted: the per-cgroup map is full (see --max-cgroups)");
+        let _ = writeln!(
+            out,
+            "{lost} packets uncounted: the per-cgroup map is full (see --max-cgroups)"
+        );
     }
     out
 }
@@ -79,7 +94,12 @@ mod tests {
             rx_packets: rx / 100,
             tx_bytes: 0,
             tx_packets: 0,
-            rates: rate.map(|r| NetRates { rx_bytes_per_s: r, tx_bytes_per_s: 0.0, rx_packets_per_s: 0.0, tx_packets_per_s: 0.0 }),
+            rates: rate.map(|r| NetRates {
+                rx_bytes_per_s: r,
+                tx_bytes_per_s: 0.0,
+                rx_packets_per_s: 0.0,
+                tx_packets_per_s: 0.0,
+            }),
         }
     }
 
@@ -89,8 +109,16 @@ mod tests {
             cgroup_root: "/sys/fs/cgroup".into(),
             interval_s: rates.then_some(1.0),
             cgroups: vec![
-                CgroupSnapshot { id: 1, path: "/".into(), net: net(2048, rates.then_some(10.0)) },
-                CgroupSnapshot { id: 2, path: "/busy".into(), net: net(100, rates.then_some(5000.0)) },
+                CgroupSnapshot {
+                    id: 1,
+                    path: "/".into(),
+                    net: net(2048, rates.then_some(10.0)),
+                },
+                CgroupSnapshot {
+                    id: 2,
+                    path: "/busy".into(),
+                    net: net(100, rates.then_some(5000.0)),
+                },
             ],
             uncounted: net(0, None),
         }

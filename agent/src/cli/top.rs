@@ -45,6 +45,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         let (attached, maps) = Attached::load(&Options {
             cgroup_root: root.clone(),
             max_cgroups: args.load.max_cgroups,
+            net_slots: args.load.net_slots,
             pin_dir: None,
         })?;
         (Collector::new(maps, &root, Role::Owner), Some(attached))
@@ -55,10 +56,12 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime failed")?;
     runtime.block_on(async move {
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .context("installing the SIGINT handler")?;
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("installing the SIGINT handler")?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
         let terminal = std::io::stdout().is_terminal();
         let mut previous = collector.sample()?;
         let mut shown = 0u64;
@@ -78,7 +81,12 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
                 // Home and clear, then redraw.
                 print!("\x1b[H\x1b[2J");
             }
-            println!("agent top - {} - {} cgroups under {}", snapshot.timestamp, snapshot.cgroups.len(), snapshot.cgroup_root);
+            println!(
+                "agent top - {} - {} cgroups under {}",
+                snapshot.timestamp,
+                snapshot.cgroups.len(),
+                snapshot.cgroup_root
+            );
             print!("{table}");
             if !terminal {
                 println!();
@@ -90,8 +98,17 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
 }
 
 fn terminal_rows() -> usize {
-    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes a winsize into the pointer given.
     let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &raw mut size) } == 0;
-    if ok && size.ws_row > 0 { usize::from(size.ws_row) } else { 24 }
+    if ok && size.ws_row > 0 {
+        usize::from(size.ws_row)
+    } else {
+        24
+    }
 }

@@ -29,7 +29,9 @@ fn main() -> ExitCode {
 }
 
 fn number(text: Option<&String>, what: &str) -> Result<usize, String> {
-    text.ok_or(format!("missing {what}"))?.parse().map_err(|e| format!("{what}: {e}"))
+    text.ok_or(format!("missing {what}"))?
+        .parse()
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 fn run(args: &[String]) -> Result<(), String> {
@@ -46,13 +48,21 @@ fn run(args: &[String]) -> Result<(), String> {
             // Room for every datagram even when this process is not scheduled
             // while the sender runs: a drop at a full receive buffer happens
             // after the cgroup program counted the packet.
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(32 << 20))
-                .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
-            socket.set_read_timeout(Some(Duration::from_secs(20))).map_err(io)?;
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(32 << 20),
+            )
+            .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
+            socket
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .map_err(io)?;
             println!("ready");
             let mut buf = vec![0u8; size + 1];
             for i in 0..count {
-                let n = socket.recv(&mut buf).map_err(|e| format!("datagram {i} of {count}: {e}"))?;
+                let n = socket
+                    .recv(&mut buf)
+                    .map_err(|e| format!("datagram {i} of {count}: {e}"))?;
                 if n != size {
                     return Err(format!("datagram {i} has {n} bytes, not {size}"));
                 }
@@ -61,7 +71,13 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Some("udp-send") => {
             let (count, size) = (number(args.get(2), "COUNT")?, number(args.get(3), "SIZE")?);
-            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| "bind")?;
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .map_err(|_| "bind")?;
             let socket = UdpSocket::bind(bind).map_err(io)?;
             let payload = vec![0x5a_u8; size];
             for _ in 0..count {
@@ -77,7 +93,9 @@ fn run(args: &[String]) -> Result<(), String> {
             let listener = TcpListener::bind(addr).map_err(io)?;
             println!("ready");
             let (mut stream, _) = listener.accept().map_err(io)?;
-            stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .map_err(io)?;
             let mut total = 0usize;
             let mut buf = vec![0u8; 1 << 16];
             loop {
@@ -100,8 +118,11 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Some("tcp-send") => {
             let bytes = number(args.get(2), "BYTES")?;
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io)?;
-            stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+            let mut stream =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io)?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .map_err(io)?;
             let chunk = vec![0xa5_u8; 1 << 16];
             let mut left = bytes;
             while left > 0 {
