@@ -11,7 +11,11 @@ use std::{
 use aya::maps::MapError;
 use common::{maps, NetCounters, NET_SLOT_RECLAIMING};
 
-use crate::{cgroup::CgroupTree, loader::Maps};
+use crate::{
+    cgroup::CgroupTree,
+    loader::Maps,
+    workload::registry::{self, DEFAULT_STATE_DIR},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,6 +35,8 @@ pub struct CgroupSample {
     pub id: u64,
     /// Relative to the watched root, starting with `/`.
     pub path: String,
+    /// The name of the `agent run` workload in this cgroup.
+    pub name: Option<String>,
     pub net: NetCounters,
 }
 
@@ -70,6 +76,7 @@ pub struct Collector {
     max_cgroups: u32,
     /// Removed cgroups already posted in NET_EVICT, by slot index.
     evictions: HashMap<u32, u64>,
+    workloads: Workloads,
     uncounted_warned: Option<(u64, Instant)>,
 }
 
@@ -85,8 +92,16 @@ impl Collector {
             tree_generation: None,
             max_cgroups,
             evictions: HashMap::new(),
+            workloads: Workloads::new(root, Path::new(DEFAULT_STATE_DIR)),
             uncounted_warned: None,
         }
+    }
+
+    /// Reads `agent run`'s records from `state_dir` instead of the default.
+    #[must_use]
+    pub fn with_state_dir(mut self, state_dir: &Path) -> Self {
+        self.workloads = Workloads::new(&self.root, state_dir);
+        self
     }
 
     /// The cgroup root the programs are attached to.
@@ -123,6 +138,7 @@ impl Collector {
             self.tree = CgroupTree::walk(&self.root)?;
             self.tree_generation = Some(generation);
         }
+        self.workloads.refresh();
         let taken = SystemTime::now();
         let at = Instant::now();
         let mut net: HashMap<u64, NetCounters> = HashMap::with_capacity(self.tree.len());
@@ -193,6 +209,7 @@ impl Collector {
             .map(|(id, path)| CgroupSample {
                 id,
                 path: path.to_owned(),
+                name: self.workloads.name(path).map(str::to_owned),
                 net: net.get(&id).copied().unwrap_or(NetCounters::ZERO),
             })
             .collect();
@@ -265,5 +282,48 @@ impl Maps {
             .map()
             .info()
             .map_or(0, |info| info.max_entries())
+    }
+}
+
+/// Names of `agent run` workloads by cgroup path (relative to the root),
+/// re-read only when the record directory changed.
+struct Workloads {
+    root: PathBuf,
+    dir: PathBuf,
+    state_dir: PathBuf,
+    modified: Option<SystemTime>,
+    names: HashMap<String, String>,
+}
+
+impl Workloads {
+    fn new(root: &Path, state_dir: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            dir: state_dir.join("workloads"),
+            state_dir: state_dir.to_path_buf(),
+            modified: None,
+            names: HashMap::new(),
+        }
+    }
+
+    fn refresh(&mut self) {
+        let modified = std::fs::metadata(&self.dir)
+            .and_then(|meta| meta.modified())
+            .ok();
+        if modified == self.modified && modified.is_some() {
+            return;
+        }
+        self.modified = modified;
+        self.names = registry::all(&self.state_dir)
+            .into_iter()
+            .filter_map(|record| {
+                let relative = record.cgroups.v2.strip_prefix(&self.root).ok()?;
+                Some((format!("/{}", relative.display()), record.name))
+            })
+            .collect();
+    }
+
+    fn name(&self, path: &str) -> Option<&str> {
+        self.names.get(path).map(String::as_str)
     }
 }

@@ -4,7 +4,8 @@
 //! kernel programs (`ebpf/`) → maps → [`collect`] (maps and cgroup tree →
 //! [`collect::Sample`]) → [`model`] (samples → [`model::Snapshot`] with rates)
 //! → consumers ([`cli`]: `stats`, `top`). [`loader`] is the only module that
-//! touches `aya::Ebpf`; [`cgroup`] finds the hierarchy and walks it.
+//! touches `aya::Ebpf`; [`cgroup`] finds the hierarchy and walks it;
+//! [`workload`] creates the cgroups and namespaces of `agent run`.
 
 pub mod bpffs;
 pub mod cgroup;
@@ -13,5 +14,6 @@ pub mod collect;
 pub mod loader;
 pub mod model;
 pub mod units;
+pub mod workload;
 
 mod sys;

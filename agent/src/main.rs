@@ -12,20 +12,36 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .format_target(false)
         .init();
+    let done = |result: anyhow::Result<()>| result.map(|()| 0);
     let result = match &cli.command {
-        Command::Daemon(args) => cli::daemon::run(args),
-        Command::Stats(args) => cli::stats::run(args),
-        Command::Top(args) => cli::top::run(args),
+        Command::Daemon(args) => done(cli::daemon::run(args)),
+        Command::Stats(args) => done(cli::stats::run(args)),
+        Command::Top(args) => done(cli::top::run(args)),
+        Command::Run(args) => cli::run::run(args),
+        Command::Ps(args) => done(cli::ps::run(args)),
+        Command::Pause(target) => done(cli::control::pause(target)),
+        Command::Resume(target) => done(cli::control::resume(target)),
+        Command::Stop(args) => done(cli::control::stop(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(err) => {
             eprintln!("agent: {err:#}");
-            // Status 2 means "nothing to read": no daemon is running.
-            let no_daemon = err
-                .chain()
-                .any(|cause| matches!(cause.downcast_ref(), Some(loader::Error::NoDaemon { .. })));
-            ExitCode::from(if no_daemon { 2 } else { 1 })
+            ExitCode::from(exit_status(&err))
         }
     }
+}
+
+/// 2 means "nothing to read" (no daemon is running); `agent run` failures
+/// carry their own status; anything else is 1.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(failure) = cause.downcast_ref::<cli::run::Failure>() {
+            return failure.status;
+        }
+        if matches!(cause.downcast_ref(), Some(loader::Error::NoDaemon { .. })) {
+            return 2;
+        }
+    }
+    1
 }

@@ -30,6 +30,9 @@ pub struct CgroupSnapshot {
     pub id: u64,
     /// Relative to `cgroup_root`, starting with `/`; the root itself is `/`.
     pub path: String,
+    /// The `agent run` workload in this cgroup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub net: Net,
 }
 
@@ -124,6 +127,7 @@ impl Snapshot {
                 CgroupSnapshot {
                     id: cgroup.id,
                     path: cgroup.path.clone(),
+                    name: cgroup.name.clone(),
                     net,
                 }
             })
@@ -158,6 +162,7 @@ mod tests {
                 .map(|&(id, path, rx_bytes, tx_bytes)| CgroupSample {
                     id,
                     path: path.into(),
+                    name: (path == "/agent/web").then(|| "web".to_owned()),
                     net: NetCounters {
                         rx_bytes,
                         rx_packets: rx_bytes / 100,

@@ -32,9 +32,59 @@ pub fn count(value: f64) -> String {
     format!("{scaled:.1}{}", UNITS[unit])
 }
 
+/// Parses a size in bytes: a number with an optional binary suffix, `K`,
+/// `M`, `G`, `T` (each 1024 times the last), optionally followed by `i`, `B`
+/// or `iB` (`512M`, `1GiB`, `64k`, `1048576`). `None` when it is not one.
+#[must_use]
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits);
+    let multiplier: u64 = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "ki" | "kib" => 1 << 10,
+        "m" | "mb" | "mi" | "mib" => 1 << 20,
+        "g" | "gb" | "gi" | "gib" => 1 << 30,
+        "t" | "tb" | "ti" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    if number.is_empty() {
+        return None;
+    }
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(multiplier);
+    }
+    let value: f64 = number.parse().ok()?;
+    #[expect(clippy::cast_precision_loss, reason = "multipliers are powers of two")]
+    let bytes = value * multiplier as f64;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "range checked"
+    )]
+    (0.0..1.8e19).contains(&bytes).then(|| bytes.round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("2k"), Some(2048));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("5QB"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("-1M"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
 
     #[test]
     fn bytes_use_binary_prefixes() {

@@ -32,6 +32,9 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iperf3",
     "tmux",
+    "iputils-ping",
+    "busybox-static",
+    "procps",
 ];
 
 /// Checks each requirement, installs what is missing, and says in one

@@ -29,6 +29,9 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub pins: PinArgs,
 
+    #[command(flatten)]
+    pub state: super::StateArgs,
+
     /// On exit leave the programs attached and the maps pinned.
     #[arg(long)]
     pub keep_pinned: bool,
@@ -39,7 +42,7 @@ pub struct DaemonArgs {
 }
 
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
-    super::require_root("agent daemon")?;
+    super::require_root("agent daemon", super::FOR_EBPF)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -67,7 +70,8 @@ async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
         args.pins.pin_dir.display()
     );
 
-    let mut collector = Collector::new(maps, &root, Role::Owner);
+    let mut collector =
+        Collector::new(maps, &root, Role::Owner).with_state_dir(&args.state.state_dir);
     let mut tick = tokio::time::interval(args.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;

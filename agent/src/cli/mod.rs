@@ -4,17 +4,21 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod control;
 pub mod daemon;
+pub mod ps;
+pub mod run;
 pub mod stats;
 pub mod table;
 pub mod top;
 
-/// Per-cgroup network accounting with eBPF, exact to the byte.
+/// Per-cgroup observability with eBPF, and workloads in their own cgroups and namespaces.
 ///
 /// The agent attaches eBPF programs at the root of the cgroup v2 hierarchy and
 /// counts every packet of every socket below it by the socket's cgroup.
 /// `agent daemon` keeps the programs attached and pins their maps; `agent stats`
-/// and `agent top` read them.
+/// and `agent top` read them. `agent run` starts a command under limits in its
+/// own cgroups and namespaces; `ps`, `pause`, `resume` and `stop` manage it.
 #[derive(Debug, Parser)]
 #[command(name = "agent", version, propagate_version = true)]
 #[command(after_help = "\
@@ -22,6 +26,7 @@ Examples:
   agent daemon                      count every cgroup of this host, until Ctrl-C
   agent stats --json | jq .         one snapshot of the daemon's counters, as JSON
   agent top                         a live table of the busiest cgroups
+  agent run --memory 64M -- CMD     run CMD in its own cgroups and namespaces
 
 Needs root (to load eBPF programs and to read their pins).")]
 pub struct Cli {
@@ -30,10 +35,18 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     Daemon(daemon::DaemonArgs),
     Stats(stats::StatsArgs),
     Top(top::TopArgs),
+    Run(run::RunArgs),
+    Ps(ps::PsArgs),
+    /// Freeze every process of a workload started by `agent run`.
+    Pause(control::Target),
+    /// Thaw a paused workload.
+    Resume(control::Target),
+    Stop(control::StopArgs),
 }
 
 /// Where a daemon's pins live.
@@ -43,6 +56,14 @@ pub struct PinArgs {
     /// mounted at /sys/fs/bpf first when absent).
     #[arg(long, value_name = "DIR", default_value = crate::bpffs::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+}
+
+/// Where `agent run` records its workloads (their names appear in snapshots).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Directory of `agent run`'s workload records.
+    #[arg(long, value_name = "DIR", default_value = crate::workload::registry::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// Which cgroups to watch, when this command loads the programs itself.
@@ -87,13 +108,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Stops with a clear sentence when not root: everything the agent does with
 /// eBPF needs it, and the kernel's bare EPERM would not say so.
-pub fn require_root(what: &str) -> anyhow::Result<()> {
+pub fn require_root(what: &str, why: &str) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         Ok(())
     } else {
-        anyhow::bail!("{what} needs root to load and read eBPF programs: run it with sudo")
+        anyhow::bail!("{what} needs root to {why}: run it with sudo")
     }
 }
+
+/// Why the eBPF commands need root.
+pub const FOR_EBPF: &str = "load and read eBPF programs";
+/// Why the workload commands need root.
+pub const FOR_WORKLOADS: &str = "create cgroups and namespaces";
 
 /// A one-line progress note on stderr for slow set-up steps (only on a terminal).
 pub fn progress(message: &str) {

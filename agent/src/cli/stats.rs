@@ -18,13 +18,16 @@ pub struct StatsArgs {
     #[command(flatten)]
     pub pins: PinArgs,
 
+    #[command(flatten)]
+    pub state: super::StateArgs,
+
     /// Print JSON (one object on one line) instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
-    let mut collector = open_daemon(&args.pins)?;
+    let mut collector = open_daemon(&args.pins)?.with_state_dir(&args.state.state_dir);
     let snapshot = Snapshot::new(&collector.sample()?, None);
     if args.json {
         println!("{}", serde_json::to_string(&snapshot)?);
@@ -37,7 +40,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
 /// A collector reading the pins of the daemon at `pins.pin_dir`.
 pub fn open_daemon(pins: &PinArgs) -> anyhow::Result<Collector> {
     // Root first: bpffs is mode 0700, so without it the pins look absent.
-    super::require_root("reading the daemon's pins")?;
+    super::require_root("reading the daemon's pinned maps", "open them")?;
     if !loader::pins_exist(&pins.pin_dir) {
         return Err(loader::Error::NoDaemon {
             pin_dir: pins.pin_dir.clone(),

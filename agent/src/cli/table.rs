@@ -112,11 +112,13 @@ mod tests {
                 CgroupSnapshot {
                     id: 1,
                     path: "/".into(),
+                    name: None,
                     net: net(2048, rates.then_some(10.0)),
                 },
                 CgroupSnapshot {
                     id: 2,
                     path: "/busy".into(),
+                    name: None,
                     net: net(100, rates.then_some(5000.0)),
                 },
             ],

@@ -26,6 +26,9 @@ pub struct TopArgs {
     #[command(flatten)]
     pub load: LoadArgs,
 
+    #[command(flatten)]
+    pub state: super::StateArgs,
+
     /// Refresh interval, in seconds (or a duration such as 500ms).
     #[arg(short = 'd', long = "delay", value_name = "SECONDS", default_value = "1", value_parser = super::parse_duration)]
     pub delay: Duration,
@@ -36,8 +39,8 @@ pub struct TopArgs {
 }
 
 pub fn run(args: &TopArgs) -> anyhow::Result<()> {
-    super::require_root("agent top")?;
-    let (mut collector, _attached) = if loader::pins_exist(&args.pins.pin_dir) {
+    super::require_root("agent top", super::FOR_EBPF)?;
+    let (collector, _attached) = if loader::pins_exist(&args.pins.pin_dir) {
         (super::stats::open_daemon(&args.pins)?, None)
     } else {
         let root = cgroup::resolve_root(args.load.cgroup_root.as_deref())?;
@@ -55,6 +58,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime failed")?;
+    let mut collector = collector.with_state_dir(&args.state.state_dir);
     runtime.block_on(async move {
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
