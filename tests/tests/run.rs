@@ -594,3 +594,102 @@ fn bad_input_is_one_sentence_and_leaves_nothing_behind() {
         "no record is left"
     );
 }
+
+/// The block device holding `/`, as MAJOR:MINOR.
+fn root_device() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = fs::metadata("/").unwrap().dev();
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    )
+}
+
+#[test]
+fn every_limit_lands_in_the_kernels_files() {
+    let runs = Runs::new();
+    let device = root_device();
+    let io_limit = format!("{device}:rbps=1M,wbps=2M");
+    let out = runs.output(
+        &[
+            "--name",
+            "limits",
+            "--keep",
+            "--cpus",
+            "0.25",
+            "--cpu-weight",
+            "200",
+            "--cpuset",
+            "0",
+            "--memory",
+            "96M",
+            "--pids",
+            "42",
+            "--io-weight",
+            "300",
+            "--io-limit",
+            &io_limit,
+        ],
+        &["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>(),
+        ["Cpus_allowed_list:", "0"]
+    );
+    // Kept: read what the kernel holds, wherever this host keeps it.
+    let read = |file: &str| -> String {
+        runs.dirs("limits")
+            .iter()
+            .map(|dir| dir.join(file))
+            .find_map(|path| fs::read_to_string(path).ok())
+            .unwrap_or_else(|| panic!("no {file}"))
+            .trim()
+            .to_owned()
+    };
+    if agent_tests::v2_mount() == Path::new("/sys/fs/cgroup") {
+        assert_eq!(read("cpu.max"), "25000 100000");
+        assert_eq!(read("cpu.weight"), "200");
+        assert_eq!(read("memory.max"), (96u64 << 20).to_string());
+        assert_eq!(
+            read("io.max"),
+            format!("{device} rbps=1048576 wbps=2097152 riops=max wiops=max")
+        );
+    } else {
+        assert_eq!(read("cpu.cfs_quota_us"), "25000");
+        assert_eq!(read("cpu.cfs_period_us"), "100000");
+        assert_eq!(
+            read("cpu.shares"),
+            "2048",
+            "weight 200 is twice the default share"
+        );
+        assert_eq!(read("memory.limit_in_bytes"), (96u64 << 20).to_string());
+        assert_eq!(
+            read("memory.memsw.limit_in_bytes"),
+            (96u64 << 20).to_string(),
+            "no escape into swap"
+        );
+        assert_eq!(
+            read("blkio.throttle.read_bps_device"),
+            format!("{device} 1048576")
+        );
+        assert_eq!(
+            read("blkio.throttle.write_bps_device"),
+            format!("{device} 2097152")
+        );
+        // CFQ's blkio.weight is 5 times the v2 weight (capped at 1000); BFQ's
+        // blkio.bfq.weight is the v2 weight.
+        let cfq = runs
+            .dirs("limits")
+            .iter()
+            .any(|dir| dir.join("blkio.weight").exists());
+        if cfq {
+            assert_eq!(read("blkio.weight"), "1000");
+        } else {
+            assert_eq!(read("blkio.bfq.weight"), "300");
+        }
+    }
+    assert_eq!(read("pids.max"), "42");
+    assert_eq!(read("cpuset.cpus"), "0");
+}

@@ -68,10 +68,36 @@ pub fn weight_to_shares(weight: u64) -> u64 {
     (weight * 1024 / 100).max(2)
 }
 
-/// The v1 blkio.weight (10 to 1000) equivalent of a v2 io.weight (1 to 10000).
+/// The v1 `blkio.weight` (CFQ: 10 to 1000, default 500) equivalent of a v2
+/// io.weight (1 to 10000, default 100), scaled around the defaults as systemd does.
 #[must_use]
-pub fn weight_to_blkio(weight: u64) -> u16 {
-    u16::try_from(10 + (weight.saturating_sub(1)) * 990 / 9999).unwrap_or(1000)
+pub fn weight_to_blkio(weight: u64) -> u64 {
+    (weight * 5).clamp(10, 1000)
+}
+
+/// The v1 `blkio.bfq.weight` (BFQ: 1 to 1000, default 100) equivalent.
+#[must_use]
+pub fn weight_to_bfq(weight: u64) -> u64 {
+    weight.clamp(1, 1000)
+}
+
+/// The CPUs of a kernel CPU list (`0-2,5` → 0, 1, 2, 5).
+#[must_use]
+pub fn expand_cpus(list: &str) -> Vec<u32> {
+    let mut cpus: Vec<u32> = list
+        .split(',')
+        .filter_map(|part| {
+            let (a, b) = part
+                .trim()
+                .split_once('-')
+                .unwrap_or((part.trim(), part.trim()));
+            Some(a.parse::<u32>().ok()?..=b.parse::<u32>().ok()?)
+        })
+        .flatten()
+        .collect();
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
 }
 
 /// The CFS period the agent uses, and the quota that gives `cpus` of it.
@@ -110,13 +136,6 @@ fn resources(limits: &Limits, v2: bool, memsw: bool) -> Resources {
     if let Some(pids) = limits.pids {
         res.pid.maximum_number_of_processes =
             Some(MaxValue::Value(i64::try_from(pids).unwrap_or(i64::MAX)));
-    }
-    if let Some(weight) = limits.io_weight {
-        res.blkio.weight = Some(if v2 {
-            u16::try_from(weight).unwrap_or(10_000)
-        } else {
-            weight_to_blkio(weight)
-        });
     }
     for limit in &limits.io_limits {
         let throttle = |rate| BlkIoDeviceThrottleResource {
@@ -225,7 +244,175 @@ impl WorkloadCgroups {
                 path: relative.clone(),
                 message: error_chain(&e),
             })?;
+        if let Some(weight) = limits.io_weight {
+            created.set_io_weight(weight, unified)?;
+        }
+        // cgroups-rs ignores some write failures: read every limit back.
+        created.verify(limits, unified)?;
         Ok(created)
+    }
+
+    /// The directory of the hierarchy holding `file` (v1), or the v2 directory.
+    fn dir_with(&self, file: &str) -> Option<PathBuf> {
+        self.placement
+            .dirs
+            .iter()
+            .find(|dir| dir.join(file).exists())
+            .cloned()
+    }
+
+    /// cgroups-rs writes only `blkio.weight`, which the CFQ scheduler had;
+    /// today's kernels with BFQ take `blkio.bfq.weight` (v1, 1 to 1000) or
+    /// `io.weight` / `io.bfq.weight` (v2).
+    fn set_io_weight(&self, weight: u64, unified: bool) -> Result<(), Error> {
+        let candidates: [(&str, String); 2] = if unified {
+            [
+                ("io.weight", format!("default {weight}")),
+                ("io.bfq.weight", format!("default {weight}")),
+            ]
+        } else {
+            [
+                ("blkio.weight", weight_to_blkio(weight).to_string()),
+                ("blkio.bfq.weight", weight_to_bfq(weight).to_string()),
+            ]
+        };
+        for (file, value) in candidates {
+            if let Some(dir) = self.dir_with(file) {
+                let path = dir.join(file);
+                fs::write(&path, &value).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let now = fs::read_to_string(&path).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                // v2 prints "default N"; v1 prints N.
+                if now
+                    .split_whitespace()
+                    .any(|word| word == value.trim_start_matches("default "))
+                {
+                    return Ok(());
+                }
+                return Err(Error::Limit {
+                    path: path.display().to_string(),
+                    message: format!("it reads {:?} after the agent set {value}", now.trim()),
+                });
+            }
+        }
+        Err(Error::Limit {
+            path: self.placement.v2.display().to_string(),
+            message: "--io-weight: this host has no I/O weight file (blkio.weight, blkio.bfq.weight, io.weight): \
+                      its block I/O scheduler does not do weights"
+                .into(),
+        })
+    }
+
+    /// Reads back what the kernel holds for every limit asked for.
+    fn verify(&self, limits: &Limits, unified: bool) -> Result<(), Error> {
+        let read = |file: &str| -> Option<(PathBuf, String)> {
+            let dir = self.dir_with(file)?;
+            let text = fs::read_to_string(dir.join(file)).ok()?;
+            Some((dir.join(file), text.trim().to_owned()))
+        };
+        let check = |file: &str, ok: &dyn Fn(&str) -> bool, wanted: String| -> Result<(), Error> {
+            match read(file) {
+                Some((_, value)) if ok(&value) => Ok(()),
+                Some((path, value)) => Err(Error::Limit {
+                    path: path.display().to_string(),
+                    message: format!("it reads {value:?} after the agent set {wanted}"),
+                }),
+                None => Err(Error::Limit {
+                    path: self.placement.v2.display().to_string(),
+                    message: format!("{file} is missing, so {wanted} cannot be set on this host"),
+                }),
+            }
+        };
+        if let Some(bytes) = limits.memory_bytes {
+            // The kernel rounds the limit down to whole pages.
+            let page = 4096;
+            let file = if unified {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            check(
+                file,
+                &|v| v.parse::<u64>().is_ok_and(|got| got / page == bytes / page),
+                format!("--memory {bytes}"),
+            )?;
+        }
+        if let Some(pids) = limits.pids {
+            check(
+                "pids.max",
+                &|v| v == pids.to_string(),
+                format!("--pids {pids}"),
+            )?;
+        }
+        if let Some(cpus) = limits.cpus {
+            let (period, quota) = cfs_quota(cpus);
+            if unified {
+                check(
+                    "cpu.max",
+                    &|v| v == format!("{quota} {period}"),
+                    format!("--cpus {cpus}"),
+                )?;
+            } else {
+                check(
+                    "cpu.cfs_quota_us",
+                    &|v| v == quota.to_string(),
+                    format!("--cpus {cpus}"),
+                )?;
+            }
+        }
+        if let Some(weight) = limits.cpu_weight {
+            if unified {
+                check(
+                    "cpu.weight",
+                    &|v| v == weight.to_string(),
+                    format!("--cpu-weight {weight}"),
+                )?;
+            } else {
+                let shares = weight_to_shares(weight);
+                check(
+                    "cpu.shares",
+                    &|v| v == shares.to_string(),
+                    format!("--cpu-weight {weight}"),
+                )?;
+            }
+        }
+        if let Some(cpuset) = &limits.cpuset {
+            let wanted = expand_cpus(cpuset);
+            check(
+                "cpuset.cpus",
+                &|v| expand_cpus(v) == wanted,
+                format!("--cpuset {cpuset}"),
+            )?;
+        }
+        for limit in &limits.io_limits {
+            let device = format!("{}:{}", limit.major, limit.minor);
+            let has = |text: &str, key: &str, rate: u64| {
+                text.lines().any(|line| {
+                    line.starts_with(&format!("{device} "))
+                        && (line.split_whitespace().nth(1) == Some(&rate.to_string())
+                            || line.contains(&format!("{key}={rate}")))
+                })
+            };
+            for (rate, v1_file, key) in [
+                (limit.read_bps, "blkio.throttle.read_bps_device", "rbps"),
+                (limit.write_bps, "blkio.throttle.write_bps_device", "wbps"),
+            ] {
+                if let Some(rate) = rate {
+                    let file = if unified { "io.max" } else { v1_file };
+                    check(
+                        file,
+                        &|v| has(v, key, rate),
+                        format!("--io-limit {device}:{key}={rate}"),
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     #[must_use]
@@ -379,7 +566,16 @@ mod tests {
         assert_eq!(weight_to_shares(10_000), 102_400);
         assert_eq!(weight_to_blkio(1), 10);
         assert_eq!(weight_to_blkio(10_000), 1000);
-        assert_eq!(weight_to_blkio(100), 19);
+        assert_eq!(weight_to_blkio(100), 500);
+        assert_eq!(weight_to_bfq(100), 100);
+        assert_eq!(weight_to_bfq(5000), 1000);
+    }
+
+    #[test]
+    fn cpu_lists_expand() {
+        assert_eq!(expand_cpus("0-2,5"), [0, 1, 2, 5]);
+        assert_eq!(expand_cpus("1,0"), [0, 1]);
+        assert_eq!(expand_cpus(""), Vec::<u32>::new());
     }
 
     #[test]
