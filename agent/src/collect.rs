@@ -8,11 +8,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::MapError;
-use common::{maps, NetCounters, NET_SLOT_RECLAIMING};
+use aya::maps::{MapData, MapError, PerCpuHashMap};
+use common::{maps, NetCounters, SchedCounters, SLOT_RECLAIMING};
 
 use crate::{
     cgroup::CgroupTree,
+    cgroupfs::{FileKind, Layout, Reader, Resources},
     loader::Maps,
     workload::registry::{self, DEFAULT_STATE_DIR},
 };
@@ -38,6 +39,8 @@ pub struct CgroupSample {
     /// The name of the `agent run` workload in this cgroup.
     pub name: Option<String>,
     pub net: NetCounters,
+    pub sched: SchedCounters,
+    pub resources: Resources,
 }
 
 /// Cumulative counters of every cgroup under the root at one moment.
@@ -50,8 +53,10 @@ pub struct Sample {
     pub cgroup_root: PathBuf,
     /// Sorted by path.
     pub cgroups: Vec<CgroupSample>,
-    /// Traffic that found the per-cgroup map full and could not be attributed.
+    /// Traffic that found the per-cgroup maps full and could not be attributed.
     pub uncounted: NetCounters,
+    /// Scheduler events likewise.
+    pub sched_uncounted: SchedCounters,
 }
 
 /// Whether this collector may remove map entries of cgroups that are gone:
@@ -66,17 +71,77 @@ pub enum Role {
 /// How often at most the "map full" warning repeats while it keeps growing.
 const UNCOUNTED_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// What a slot table and its overflow hash held, summed per cgroup over CPUs.
+struct TableRead<T> {
+    totals: HashMap<u64, T>,
+    /// (slot index, owner) of slots held by cgroups that are gone.
+    dead_slots: Vec<(u32, u64)>,
+    /// Overflow entries of cgroups that are gone.
+    dead_overflow: Vec<u64>,
+}
+
+/// Sums a per-CPU slot table and its overflow hash per cgroup of `tree`.
+fn read_table<T: Copy + aya::Pod>(
+    slots: impl Iterator<Item = (usize, u64, T)>,
+    overflow: &PerCpuHashMap<MapData, u64, T>,
+    overflow_name: &'static str,
+    tree: &CgroupTree,
+    zero: T,
+    plus: impl Fn(T, &T) -> T,
+) -> Result<TableRead<T>, Error> {
+    let mut read = TableRead {
+        totals: HashMap::with_capacity(tree.len()),
+        dead_slots: Vec::new(),
+        dead_overflow: Vec::new(),
+    };
+    for (index, owner, counters) in slots {
+        if owner == 0 || owner == SLOT_RECLAIMING {
+            continue;
+        }
+        if !tree.contains(owner) {
+            read.dead_slots.push((index as u32, owner));
+            continue;
+        }
+        let total = read.totals.entry(owner).or_insert(zero);
+        *total = plus(*total, &counters);
+    }
+    for entry in overflow.iter() {
+        let (id, per_cpu) = match entry {
+            Ok(entry) => entry,
+            // Removed between get_next_key and lookup.
+            Err(MapError::KeyNotFound) => continue,
+            Err(source) => {
+                return Err(Error::Map {
+                    name: overflow_name,
+                    source,
+                })
+            }
+        };
+        if !tree.contains(id) {
+            read.dead_overflow.push(id);
+            continue;
+        }
+        let total = read.totals.entry(id).or_insert(zero);
+        *total = per_cpu.iter().fold(*total, &plus);
+    }
+    Ok(read)
+}
+
 pub struct Collector {
     maps: Maps,
     root: PathBuf,
+    /// The root relative to the v2 mount (where the cgroup files are).
+    root_in_mount: PathBuf,
     role: Role,
     tree: CgroupTree,
     /// The tree-change counter when `tree` was walked.
     tree_generation: Option<u64>,
     max_cgroups: u32,
-    /// Removed cgroups already posted in NET_EVICT, by slot index.
-    evictions: HashMap<u32, u64>,
+    /// Removed cgroups already posted in NET_EVICT and SCHED_EVICT, by slot index.
+    net_evictions: HashMap<u32, u64>,
+    sched_evictions: HashMap<u32, u64>,
     workloads: Workloads,
+    files: Option<Reader>,
     uncounted_warned: Option<(u64, Instant)>,
 }
 
@@ -84,15 +149,23 @@ impl Collector {
     #[must_use]
     pub fn new(maps: Maps, root: &Path, role: Role) -> Self {
         let max_cgroups = maps.overflow_capacity();
+        let files = Layout::detect().map(Reader::new);
+        let root_in_mount = files
+            .as_ref()
+            .and_then(|files| root.strip_prefix(files.v2_mount()).ok())
+            .map_or_else(PathBuf::new, Path::to_path_buf);
         Self {
             maps,
             root: root.to_path_buf(),
+            root_in_mount,
             role,
             tree: CgroupTree::default(),
             tree_generation: None,
             max_cgroups,
-            evictions: HashMap::new(),
+            net_evictions: HashMap::new(),
+            sched_evictions: HashMap::new(),
             workloads: Workloads::new(root, Path::new(DEFAULT_STATE_DIR)),
+            files,
             uncounted_warned: None,
         }
     }
@@ -137,13 +210,16 @@ impl Collector {
         if self.tree_generation != Some(generation) {
             self.tree = CgroupTree::walk(&self.root)?;
             self.tree_generation = Some(generation);
+            if let Some(files) = self.files.as_mut() {
+                let tree = &self.tree;
+                files.retain(|id| tree.contains(id));
+            }
         }
         self.workloads.refresh();
         let taken = SystemTime::now();
         let at = Instant::now();
-        let mut net: HashMap<u64, NetCounters> = HashMap::with_capacity(self.tree.len());
-        let mut dead_slots = Vec::new();
-        let tables = self
+
+        let net_tables = self
             .maps
             .net_slots
             .get(&0, 0)
@@ -151,39 +227,42 @@ impl Collector {
                 name: maps::NET_SLOTS,
                 source,
             })?;
-        for table in tables.iter() {
-            for (index, slot) in table.slots.iter().enumerate() {
-                if slot.cgroup_id == 0 || slot.cgroup_id == NET_SLOT_RECLAIMING {
-                    continue;
-                }
-                if !self.tree.contains(slot.cgroup_id) {
-                    dead_slots.push((index as u32, slot.cgroup_id));
-                    continue;
-                }
-                let total = net.entry(slot.cgroup_id).or_insert(NetCounters::ZERO);
-                *total = total.plus(slot.counters());
-            }
-        }
-        let mut dead_overflow = Vec::new();
-        for entry in self.maps.net_overflow.iter() {
-            let (id, per_cpu) = match entry {
-                Ok(entry) => entry,
-                // Removed between get_next_key and lookup.
-                Err(MapError::KeyNotFound) => continue,
-                Err(source) => {
-                    return Err(Error::Map {
-                        name: maps::NET_OVERFLOW,
-                        source,
-                    })
-                }
-            };
-            if !self.tree.contains(id) {
-                dead_overflow.push(id);
-                continue;
-            }
-            let total = net.entry(id).or_insert(NetCounters::ZERO);
-            *total = per_cpu.iter().fold(*total, |sum, cpu| sum.plus(*cpu));
-        }
+        let net = read_table(
+            net_tables.iter().flat_map(|table| {
+                table
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (i, s.cgroup_id, s.counters()))
+            }),
+            &self.maps.net_overflow,
+            maps::NET_OVERFLOW,
+            &self.tree,
+            NetCounters::ZERO,
+            |sum, more| sum.plus(*more),
+        )?;
+        let sched_tables = self
+            .maps
+            .sched_slots
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: maps::SCHED_SLOTS,
+                source,
+            })?;
+        let sched = read_table(
+            sched_tables.iter().flat_map(|table| {
+                table
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (i, s.cgroup_id, s.counters))
+            }),
+            &self.maps.sched_overflow,
+            maps::SCHED_OVERFLOW,
+            &self.tree,
+            SchedCounters::ZERO,
+            SchedCounters::plus,
+        )?;
         let uncounted = self
             .maps
             .net_uncounted
@@ -194,25 +273,54 @@ impl Collector {
             })?
             .iter()
             .fold(NetCounters::ZERO, |sum, cpu| sum.plus(*cpu));
+        let sched_uncounted = self
+            .maps
+            .sched_uncounted
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: maps::SCHED_UNCOUNTED,
+                source,
+            })?
+            .iter()
+            .fold(SchedCounters::ZERO, |sum, cpu| sum.plus(cpu));
 
         if self.role == Role::Owner
-            && !(dead_slots.is_empty() && dead_overflow.is_empty())
+            && [&net.dead_slots, &sched.dead_slots]
+                .iter()
+                .any(|dead| !dead.is_empty())
+                | [&net.dead_overflow, &sched.dead_overflow]
+                    .iter()
+                    .any(|dead| !dead.is_empty())
             && self.generation()? == generation
         {
-            self.forget(&dead_slots, &dead_overflow)?;
+            self.forget(&net, &sched)?;
         }
         self.warn_uncounted(&uncounted, at);
 
-        let mut cgroups: Vec<CgroupSample> = self
-            .tree
-            .iter()
-            .map(|(id, path)| CgroupSample {
+        let mut cgroups: Vec<CgroupSample> = Vec::with_capacity(self.tree.len());
+        for (id, path) in self.tree.iter() {
+            let relative = self.root_in_mount.join(path.trim_start_matches('/'));
+            let resources = self
+                .files
+                .as_mut()
+                .map(|files| files.resources(id, &relative))
+                .unwrap_or_default();
+            cgroups.push(CgroupSample {
                 id,
                 path: path.to_owned(),
                 name: self.workloads.name(path).map(str::to_owned),
-                net: net.get(&id).copied().unwrap_or(NetCounters::ZERO),
-            })
-            .collect();
+                net: net.totals.get(&id).copied().unwrap_or(NetCounters::ZERO),
+                sched: sched
+                    .totals
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(SchedCounters::ZERO),
+                resources,
+            });
+        }
+        if let Some(files) = self.files.as_mut() {
+            files.report_missing();
+        }
         cgroups.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Sample {
             taken,
@@ -220,14 +328,41 @@ impl Collector {
             cgroup_root: self.root.clone(),
             cgroups,
             uncounted,
+            sched_uncounted,
         })
+    }
+
+    /// CPU usage of every cgroup from the cgroup files (cpuacct.usage, or
+    /// cpu.stat on v2), the way file-polling monitors get it: walks the tree
+    /// and opens every file each time. For the benchmarks' comparison.
+    pub fn poll_cpu_files(&mut self) -> Result<Vec<(u64, Option<u64>)>, Error> {
+        let tree = CgroupTree::walk(&self.root)?;
+        let Some(layout) = Layout::detect() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(tree.len());
+        for (id, path) in tree.iter() {
+            let relative = self.root_in_mount.join(path.trim_start_matches('/'));
+            let file = layout.path(FileKind::CpuUsage, &relative);
+            out.push((
+                id,
+                std::fs::read_to_string(file)
+                    .ok()
+                    .and_then(|text| crate::cgroupfs::parse_cpu_usage(&text)),
+            ));
+        }
+        Ok(out)
     }
 
     /// Drops what the maps hold for removed cgroups: overflow entries are
     /// deleted; slots (which only their CPU's programs may write) are posted
-    /// in NET_EVICT, and the next cgroup that needs one takes it over.
-    fn forget(&mut self, dead_slots: &[(u32, u64)], dead_overflow: &[u64]) -> Result<(), Error> {
-        for id in dead_overflow {
+    /// in the evict arrays, and the next cgroup that needs one takes it over.
+    fn forget(
+        &mut self,
+        net: &TableRead<NetCounters>,
+        sched: &TableRead<SchedCounters>,
+    ) -> Result<(), Error> {
+        for id in &net.dead_overflow {
             match self.maps.net_overflow.remove(id) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(source) => {
@@ -238,16 +373,38 @@ impl Collector {
                 }
             }
         }
-        for &(index, id) in dead_slots {
-            if self.evictions.get(&index) != Some(&id) {
-                self.maps
-                    .net_evict
-                    .set(index, id, 0)
-                    .map_err(|source| Error::Map {
-                        name: maps::NET_EVICT,
+        for id in &sched.dead_overflow {
+            match self.maps.sched_overflow.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: maps::SCHED_OVERFLOW,
                         source,
-                    })?;
-                self.evictions.insert(index, id);
+                    })
+                }
+            }
+        }
+        for (dead, evict, posted, name) in [
+            (
+                &net.dead_slots,
+                &mut self.maps.net_evict,
+                &mut self.net_evictions,
+                maps::NET_EVICT,
+            ),
+            (
+                &sched.dead_slots,
+                &mut self.maps.sched_evict,
+                &mut self.sched_evictions,
+                maps::SCHED_EVICT,
+            ),
+        ] {
+            for &(index, id) in dead {
+                if posted.get(&index) != Some(&id) {
+                    evict
+                        .set(index, id, 0)
+                        .map_err(|source| Error::Map { name, source })?;
+                    posted.insert(index, id);
+                }
             }
         }
         Ok(())

@@ -8,7 +8,9 @@
 //! [`workload`] creates the cgroups and namespaces of `agent run`.
 
 pub mod bpffs;
+pub mod btf;
 pub mod cgroup;
+pub mod cgroupfs;
 pub mod cli;
 pub mod collect;
 pub mod loader;

@@ -16,13 +16,15 @@ use aya::{
     maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, RawTracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError,
+        RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use common::{
-    maps, programs, AgentInfo, NetCounters, NetSlotTable, AGENT_INFO_PATH_MAX, LAYOUT_VERSION,
-    NET_SLOTS, NET_SLOT_MASK,
+    maps, programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
+    AGENT_INFO_PATH_MAX, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL,
+    TASK_RUN_DELAY_OFFSET,
 };
 
 use crate::{bpffs, sys};
@@ -37,11 +39,19 @@ const NET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     (programs::NET_EGRESS, CgroupSkbAttachType::Egress),
 ];
 
-/// Raw tracepoints that tell the collector the cgroup tree changed.
-const TREE_PROGRAMS: [&str; 3] = [
+/// Raw tracepoint programs, each named as its tracepoint: the cgroup tree changes.
+const RAW_TRACEPOINTS: [&str; 3] = [
     programs::CGROUP_MKDIR,
     programs::CGROUP_RMDIR,
     programs::CGROUP_RENAME,
+];
+
+/// BTF tracepoint programs, each named as its tracepoint: the scheduler accounting.
+const BTF_TRACEPOINTS: [&str; 4] = [
+    programs::SCHED_SWITCH,
+    programs::SCHED_STAT_RUNTIME,
+    programs::TASK_NEWTASK,
+    programs::SCHED_PROCESS_EXIT,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +134,14 @@ pub enum Error {
         pinned_root: String,
         requested_root: PathBuf,
     },
+    #[error(
+        "reading the kernel's BTF failed: {source}; the scheduler accounting needs a kernel \
+         with CONFIG_DEBUG_INFO_BTF and CONFIG_SCHED_INFO"
+    )]
+    Btf {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("--net-slots {slots} is not a power of two between 1 and {NET_SLOTS}")]
     BadSlots { slots: u32 },
     #[error("cgroup root path {path} is longer than {AGENT_INFO_PATH_MAX} bytes")]
@@ -172,6 +190,10 @@ pub struct Maps {
     pub net_evict: Array<MapData, u64>,
     pub net_uncounted: PerCpuArray<MapData, NetCounters>,
     pub cgroup_generation: PerCpuArray<MapData, u64>,
+    pub sched_slots: PerCpuArray<MapData, SchedSlotTable>,
+    pub sched_overflow: PerCpuHashMap<MapData, u64, SchedCounters>,
+    pub sched_evict: Array<MapData, u64>,
+    pub sched_uncounted: PerCpuArray<MapData, SchedCounters>,
 }
 
 impl Maps {
@@ -182,6 +204,10 @@ impl Maps {
             net_evict: take_map(ebpf, maps::NET_EVICT)?,
             net_uncounted: take_map(ebpf, maps::NET_UNCOUNTED)?,
             cgroup_generation: take_map(ebpf, maps::CGROUP_GENERATION)?,
+            sched_slots: take_map(ebpf, maps::SCHED_SLOTS)?,
+            sched_overflow: take_map(ebpf, maps::SCHED_OVERFLOW)?,
+            sched_evict: take_map(ebpf, maps::SCHED_EVICT)?,
+            sched_uncounted: take_map(ebpf, maps::SCHED_UNCOUNTED)?,
         })
     }
 
@@ -192,6 +218,10 @@ impl Maps {
             net_evict: open_pinned(pin_dir, maps::NET_EVICT)?,
             net_uncounted: open_pinned(pin_dir, maps::NET_UNCOUNTED)?,
             cgroup_generation: open_pinned(pin_dir, maps::CGROUP_GENERATION)?,
+            sched_slots: open_pinned(pin_dir, maps::SCHED_SLOTS)?,
+            sched_overflow: open_pinned(pin_dir, maps::SCHED_OVERFLOW)?,
+            sched_evict: open_pinned(pin_dir, maps::SCHED_EVICT)?,
+            sched_uncounted: open_pinned(pin_dir, maps::SCHED_UNCOUNTED)?,
         })
     }
 }
@@ -211,8 +241,8 @@ where
     let path = bpffs::maps_dir(pin_dir).join(name);
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
     let map = match name {
-        maps::NET_OVERFLOW => Map::PerCpuHashMap(data),
-        maps::AGENT_INFO | maps::NET_EVICT => Map::Array(data),
+        maps::NET_OVERFLOW | maps::SCHED_OVERFLOW => Map::PerCpuHashMap(data),
+        maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT => Map::Array(data),
         _ => Map::PerCpuArray(data),
     };
     T::try_from(map).map_err(|source| Error::Map { name, source })
@@ -390,8 +420,16 @@ impl Attached {
             armed: true,
         };
 
+        let run_delay = run_delay_offset()?;
         let mut loader = EbpfLoader::new();
+        // The task local storage map has no aya type; only the kernel uses it.
+        loader.allow_unsupported_maps();
+        loader.override_global(TASK_RUN_DELAY_OFFSET, &run_delay, true);
         loader.map_max_entries(maps::NET_OVERFLOW, options.max_cgroups);
+        loader.map_max_entries(maps::SCHED_OVERFLOW, options.max_cgroups);
+        let (root_level, root_id) = root_position(&options.cgroup_root)?;
+        loader.override_global(SCHED_ROOT_LEVEL, &root_level, true);
+        loader.override_global(SCHED_ROOT_ID, &root_id, true);
         let mask = u64::from(options.net_slots - 1);
         loader.override_global(NET_SLOT_MASK, &mask, true);
         let map_pins: Vec<(&str, PathBuf)> = options
@@ -399,8 +437,15 @@ impl Attached {
             .iter()
             .flat_map(|dir| maps::ALL.map(|name| (name, bpffs::maps_dir(dir).join(name))))
             .collect();
+        // A fresh AGENT_INFO is pinned last, once everything else is pinned,
+        // attached and described: readers take its pin to mean "ready".
+        let mut info_pin = None;
         for (name, path) in &map_pins {
             if !path.exists() {
+                if *name == maps::AGENT_INFO {
+                    info_pin = Some(path.clone());
+                    continue;
+                }
                 guard.created.push(path.clone());
             }
             loader.map_pin_path(name, path.as_path());
@@ -462,36 +507,61 @@ impl Attached {
                 pinned_links.push(pin_link(link, &pin, name, &mut guard)?);
             }
         }
-        for name in TREE_PROGRAMS {
-            let program: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| Error::LoadProgram { name, source })?;
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|source| Error::Btf {
+            source: Box::new(source),
+        })?;
+        for (name, btf) in RAW_TRACEPOINTS
+            .map(|name| (name, false))
+            .into_iter()
+            .chain(BTF_TRACEPOINTS.map(|name| (name, true)))
+        {
             let pin = options
                 .pin_dir
                 .as_ref()
                 .map(|dir| bpffs::links_dir(dir).join(name));
             if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
-                // Raw tracepoint links cannot be updated in place. Missing a
-                // mkdir between the two is harmless: the collector walks the
-                // tree once at start anyway.
+                // Tracepoint links cannot be updated in place: the old program
+                // goes before the new one comes, so the events in between are
+                // not counted (rather than counted twice). A missed mkdir is
+                // harmless: the collector walks the tree at start anyway.
                 fs::remove_file(pin).map_err(|source| Error::Unpin {
                     pin_dir: pin.clone(),
                     source,
                 })?;
             }
-            let id = program
-                .attach(name)
-                .map_err(|source| Error::AttachTracepoint {
+            let link = if btf {
+                let program: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
+                program
+                    .load(name, &kernel_btf)
+                    .map_err(|source| Error::LoadProgram { name, source })?;
+                let id = program.attach().map_err(|source| Error::AttachTracepoint {
                     name,
                     tracepoint: name,
                     source,
                 })?;
-            if let Some(pin) = pin {
-                let link = program
-                    .take_link(id)
+                pin.as_ref()
+                    .map(|_| program.take_link(id).map(FdLink::from))
+                    .transpose()
+                    .map_err(|source| Error::LoadProgram { name, source })?
+            } else {
+                let program: &mut RawTracePoint = program_mut(&mut ebpf, name)?;
+                program
+                    .load()
                     .map_err(|source| Error::LoadProgram { name, source })?;
-                pinned_links.push(pin_link(FdLink::from(link), &pin, name, &mut guard)?);
+                let id = program
+                    .attach(name)
+                    .map_err(|source| Error::AttachTracepoint {
+                        name,
+                        tracepoint: name,
+                        source,
+                    })?;
+                pin.as_ref()
+                    .map(|_| program.take_link(id).map(FdLink::from))
+                    .transpose()
+                    .map_err(|source| Error::LoadProgram { name, source })?
+            };
+            if let (Some(pin), Some(link)) = (pin, link) {
+                pinned_links.push(pin_link(link, &pin, name, &mut guard)?);
             }
         }
 
@@ -509,6 +579,18 @@ impl Attached {
                     name: maps::AGENT_INFO,
                     source,
                 })?;
+            if let Some(path) = info_pin {
+                map.pin(&path).map_err(|source| Error::Pin {
+                    what: maps::AGENT_INFO,
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?;
+                guard.created.push(path);
+                map = open_pinned(
+                    options.pin_dir.as_deref().unwrap_or(Path::new("/")),
+                    maps::AGENT_INFO,
+                )?;
+            }
             info_map = Some(map);
         }
         guard.armed = false;
@@ -554,6 +636,44 @@ impl Attached {
         bpffs::remove_pin_dir(&pin_dir).map_err(|source| Error::Unpin { pin_dir, source })
         // Dropping self closes the last link fds: the programs detach.
     }
+}
+
+/// Where this kernel keeps `task_struct.sched_info.run_delay`.
+fn run_delay_offset() -> Result<u64, Error> {
+    let btf = crate::btf::Btf::from_sys_fs().map_err(|source| Error::Btf {
+        source: Box::new(source),
+    })?;
+    let (offset, size) = btf
+        .member_offset("task_struct", &["sched_info", "run_delay"])
+        .map_err(|source| Error::Btf {
+            source: Box::new(source),
+        })?;
+    if size != 8 {
+        return Err(Error::Btf {
+            source: "task_struct.sched_info.run_delay is not 8 bytes".into(),
+        });
+    }
+    Ok(offset as u64)
+}
+
+/// The level of `root` in the v2 hierarchy (0 for its mount point) and its id.
+fn root_position(root: &Path) -> Result<(u64, u64), Error> {
+    let id = crate::cgroup::cgroup_id(root).map_err(|source| Error::OpenCgroup {
+        path: root.into(),
+        source: io::Error::other(source.to_string()),
+    })?;
+    let mount = fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| crate::cgroup::find_v2_mount(&text))
+        .and_then(|mount| fs::canonicalize(mount).ok());
+    let level = mount
+        .and_then(|mount| {
+            root.strip_prefix(mount)
+                .ok()
+                .map(|rest| rest.components().count())
+        })
+        .unwrap_or(0);
+    Ok((level as u64, id))
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

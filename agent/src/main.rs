@@ -12,6 +12,8 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .format_target(false)
         .init();
+    // One handle per cgroup file is kept open by the collector.
+    agent::cgroupfs::raise_open_files_limit();
     let done = |result: anyhow::Result<()>| result.map(|()| 0);
     let result = match &cli.command {
         Command::Daemon(args) => done(cli::daemon::run(args)),

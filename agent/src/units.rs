@@ -32,6 +32,22 @@ pub fn count(value: f64) -> String {
     format!("{scaled:.1}{}", UNITS[unit])
 }
 
+/// `850` → `850ns`, `12_300` → `12µs`, `1_500_000` → `1.5ms`, `2.25e9` → `2.2s`.
+#[must_use]
+pub fn duration_ns(ns: u64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let value = ns as f64;
+    if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 1_000_000 {
+        format!("{:.0}µs", value / 1e3)
+    } else if ns < 1_000_000_000 {
+        format!("{:.1}ms", value / 1e6)
+    } else {
+        format!("{:.1}s", value / 1e9)
+    }
+}
+
 /// Parses a size in bytes: a number with an optional binary suffix, `K`,
 /// `M`, `G`, `T` (each 1024 times the last), optionally followed by `i`, `B`
 /// or `iB` (`512M`, `1GiB`, `64k`, `1048576`). `None` when it is not one.
@@ -70,6 +86,14 @@ pub fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_pick_a_readable_unit() {
+        assert_eq!(duration_ns(850), "850ns");
+        assert_eq!(duration_ns(12_300), "12µs");
+        assert_eq!(duration_ns(1_500_000), "1.5ms");
+        assert_eq!(duration_ns(2_250_000_000), "2.2s");
+    }
 
     #[test]
     fn sizes_take_binary_suffixes() {

@@ -6,13 +6,21 @@
 #![no_std]
 
 pub mod net;
+pub mod sched;
 
-pub use net::{NetCounters, NetSlot, NetSlotTable, NET_SLOTS, NET_SLOT_RECLAIMING};
+pub use net::{NetCounters, NetSlot, NetSlotTable, NET_SLOTS};
+pub use sched::{
+    SchedCounters, SchedSlot, SchedSlotTable, TaskState, LATENCY_BUCKETS, SCHED_SLOTS,
+};
+
+/// Owner of a slot being handed from a removed cgroup to a new one (slot
+/// tables of every kind).
+pub const SLOT_RECLAIMING: u64 = u64::MAX;
 
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.
@@ -37,15 +45,32 @@ pub mod maps {
     pub const CGROUP_GENERATION: &str = "CGROUP_GENERATION";
     /// Array of one [`crate::AgentInfo`], written by the daemon at start.
     pub const AGENT_INFO: &str = "AGENT_INFO";
+    /// Per-CPU array of one [`crate::SchedSlotTable`].
+    pub const SCHED_SLOTS: &str = "SCHED_SLOTS";
+    /// Per-CPU hash: cgroup id → [`crate::SchedCounters`], for cgroups whose
+    /// sched slot another cgroup holds.
+    pub const SCHED_OVERFLOW: &str = "SCHED_OVERFLOW";
+    /// Array of [`crate::SCHED_SLOTS`] u64, as `NET_EVICT` for sched slots.
+    pub const SCHED_EVICT: &str = "SCHED_EVICT";
+    /// Per-CPU array of one [`crate::SchedCounters`]: what `SCHED_OVERFLOW`
+    /// had no room for.
+    pub const SCHED_UNCOUNTED: &str = "SCHED_UNCOUNTED";
+    /// Task local storage of [`crate::TaskState`] (only the kernel reads it).
+    pub const SCHED_TASKS: &str = "SCHED_TASKS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 11] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
         NET_UNCOUNTED,
         CGROUP_GENERATION,
         AGENT_INFO,
+        SCHED_SLOTS,
+        SCHED_OVERFLOW,
+        SCHED_EVICT,
+        SCHED_UNCOUNTED,
+        SCHED_TASKS,
     ];
 }
 
@@ -61,12 +86,24 @@ pub mod programs {
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
     pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
     pub const CGROUP_RENAME: &str = "cgroup_rename";
+    /// BTF tracepoints of the scheduler accounting (named as their tracepoints).
+    pub const SCHED_SWITCH: &str = "sched_switch";
+    pub const SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
+    pub const TASK_NEWTASK: &str = "task_newtask";
+    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
 }
 
 /// Name of the global (in `.rodata`) holding the slot index mask, a power of
 /// two minus one no larger than `NET_SLOTS - 1`. Tests shrink it to force
 /// collisions onto the overflow path.
 pub const NET_SLOT_MASK: &str = "NET_SLOT_MASK";
+
+/// Names of the globals (in `.rodata`) telling the sched programs which
+/// cgroups to count: the watched root's level in the v2 hierarchy and its id.
+pub const SCHED_ROOT_LEVEL: &str = "SCHED_ROOT_LEVEL";
+pub const SCHED_ROOT_ID: &str = "SCHED_ROOT_ID";
+/// Name of the global holding the offset of `task_struct.sched_info.run_delay`.
+pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
 
 /// Longest cgroup root path [`AgentInfo`] can record (PATH_MAX).
 pub const AGENT_INFO_PATH_MAX: usize = 4096;
@@ -112,4 +149,12 @@ mod user {
     unsafe impl aya::Pod for crate::NetSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::NetSlotTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::SchedCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::SchedSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::SchedSlotTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::TaskState {}
 }

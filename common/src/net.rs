@@ -42,9 +42,6 @@ impl NetCounters {
 /// another live cgroup is counted in the overflow hash instead.
 pub const NET_SLOTS: usize = 512;
 
-/// `cgroup_id` of a slot being handed from a removed cgroup to a new one.
-pub const NET_SLOT_RECLAIMING: u64 = u64::MAX;
-
 /// One cgroup's counters on one CPU, one cache line.
 ///
 /// `busy` is set by egress while it updates `tx_*`: egress in process
@@ -56,7 +53,7 @@ pub const NET_SLOT_RECLAIMING: u64 = u64::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetSlot {
-    /// Owner: a cgroup id, 0 for a free slot, or [`NET_SLOT_RECLAIMING`].
+    /// Owner: a cgroup id, 0 for a free slot, or [`crate::SLOT_RECLAIMING`].
     pub cgroup_id: u64,
     pub busy: u64,
     pub rx_bytes: u64,

@@ -12,6 +12,8 @@
 mod cgroup;
 mod info;
 mod net;
+mod sched;
+mod slots;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -21,10 +21,10 @@ use aya_ebpf::{
     programs::SkBuffContext,
     Global,
 };
-use common::{
-    NetCounters, NetSlot, NetSlotTable, DEFAULT_MAX_CGROUPS, NET_SLOTS, NET_SLOT_RECLAIMING,
-};
+use common::{NetCounters, NetSlot, NetSlotTable, DEFAULT_MAX_CGROUPS, NET_SLOTS};
 use core::ptr::{read_volatile, write_volatile};
+
+use crate::slots::{self, atomic_add, Slot};
 
 /// cgroup_skb verdict: let the packet through.
 const ALLOW: i32 = 1;
@@ -119,50 +119,38 @@ enum Direction {
     Tx,
 }
 
-/// This CPU's slot for cgroup `id`, claiming it when free or left by a removed
-/// cgroup; `None` when another live cgroup holds it.
+/// This CPU's slot for cgroup `id`, or `None` when another live cgroup holds it.
 #[inline(always)]
 fn slot(id: u64) -> Option<*mut NetSlot> {
     let table = SLOTS.get_ptr_mut(0)?;
     // The constant mask bounds the index for the verifier whatever the global says.
     let index = (id & NET_SLOT_MASK.load() & (NET_SLOTS as u64 - 1)) as usize;
-    // SAFETY: index < NET_SLOTS, inside this CPU's table.
-    let slot = unsafe { (&raw mut (*table).slots).cast::<NetSlot>().add(index) };
-    // SAFETY: a valid slot pointer.
-    let owner = unsafe { read_volatile(&raw const (*slot).cgroup_id) };
-    if owner == id {
-        return Some(slot);
+    // SAFETY: this CPU's table, and index < NET_SLOTS.
+    unsafe {
+        slots::find(
+            (&raw mut (*table).slots).cast::<NetSlot>(),
+            index,
+            id,
+            &EVICT,
+        )
     }
-    claim(slot, owner, id, index as u32)
 }
 
-#[inline(always)]
-fn claim(slot: *mut NetSlot, owner: u64, id: u64, index: u32) -> Option<*mut NetSlot> {
-    // SAFETY (whole block): `slot` points into this CPU's table.
-    unsafe {
-        let owner_field = &raw mut (*slot).cgroup_id;
-        if owner == 0 {
-            let previous = cmpxchg(owner_field, 0, id);
-            return (previous == 0 || previous == id).then_some(slot);
+// SAFETY: NetSlot is #[repr(C)] with its owner first.
+unsafe impl Slot for NetSlot {
+    unsafe fn clear(this: *mut Self) {
+        // SAFETY: the trait's contract.
+        unsafe {
+            write_volatile(&raw mut (*this).rx_bytes, 0);
+            write_volatile(&raw mut (*this).rx_packets, 0);
+            write_volatile(&raw mut (*this).tx_bytes, 0);
+            write_volatile(&raw mut (*this).tx_packets, 0);
         }
-        // Taken. Free it only if userspace posted the owner as removed, and
-        // no egress is inside its update.
-        if owner == NET_SLOT_RECLAIMING || EVICT.get(index).copied() != Some(owner) {
-            return None;
-        }
-        if read_volatile(&raw const (*slot).busy) != 0
-            || cmpxchg(owner_field, owner, NET_SLOT_RECLAIMING) != owner
-        {
-            return None;
-        }
-        // Readers skip RECLAIMING; the counters are zero before the new owner
-        // is published (stores are not reordered with stores on x86).
-        write_volatile(&raw mut (*slot).rx_bytes, 0);
-        write_volatile(&raw mut (*slot).rx_packets, 0);
-        write_volatile(&raw mut (*slot).tx_bytes, 0);
-        write_volatile(&raw mut (*slot).tx_packets, 0);
-        write_volatile(owner_field, id);
-        Some(slot)
+    }
+
+    unsafe fn busy(this: *const Self) -> bool {
+        // SAFETY: the trait's contract.
+        unsafe { read_volatile(&raw const (*this).busy) != 0 }
     }
 }
 
@@ -198,52 +186,4 @@ fn overflow(id: u64, len: u64, direction: Direction) {
             }
         }
     }
-}
-
-/// `lock *(u64 *)(ptr) += value` (BPF_ATOMIC | BPF_ADD). The bpf target's core
-/// has no atomic read-modify-write, so this is the instruction itself.
-#[inline(always)]
-unsafe fn atomic_add(ptr: *mut u64, value: u64) {
-    // SAFETY: the caller passes a valid map value pointer.
-    #[cfg(target_arch = "bpf")]
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({ptr} + 0) += {value}",
-            ptr = in(reg) ptr,
-            value = in(reg) value,
-            options(nostack),
-        );
-    }
-    // Host builds (cargo check --workspace) only.
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        *ptr += value;
-    }
-}
-
-/// Compare-and-exchange (BPF_ATOMIC | BPF_CMPXCHG, ISA v3, Linux 5.12):
-/// stores `new` if `*ptr == expected`; returns what `*ptr` held.
-#[inline(always)]
-unsafe fn cmpxchg(ptr: *mut u64, expected: u64, new: u64) -> u64 {
-    let mut previous = expected;
-    // SAFETY: the caller passes a valid map value pointer.
-    #[cfg(target_arch = "bpf")]
-    unsafe {
-        core::arch::asm!(
-            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
-            ptr = in(reg) ptr,
-            new = in(reg) new,
-            inout("r0") previous,
-            options(nostack),
-        );
-    }
-    // Host builds (cargo check --workspace) only.
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        previous = *ptr;
-        if previous == expected {
-            *ptr = new;
-        }
-    }
-    previous
 }

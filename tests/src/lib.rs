@@ -383,7 +383,7 @@ impl Daemon {
         let stderr = thread::spawn(move || {
             let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("counting the network traffic") {
+                if line.contains("counting network and scheduler activity") {
                     let _ = ready_tx.send(());
                 }
                 all.push_str(&line);

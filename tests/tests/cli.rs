@@ -26,14 +26,20 @@ fn send(cgroup: &Cgroup, ns: &Netns, count: u32, size: u32) {
     assert!(status.success());
 }
 
-/// The table row of `path` in the last table `agent top` printed.
-fn last_row<'a>(output: &'a str, path: &str) -> Vec<&'a str> {
+/// The `RX/s` and `TX/s` columns of `path` in each table `agent top` printed.
+fn rates_of(output: &str, path: &str) -> Vec<(String, String)> {
     output
         .lines()
-        .rev()
-        .find(|line| line.ends_with(&format!("  {path}")))
-        .unwrap_or_else(|| panic!("no row for {path} in:\n{output}"))
-        .split_whitespace()
+        .filter(|line| line.ends_with(&format!("  {path}")))
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            // ... RX/s as "N unit/s", TX/s likewise, then the path.
+            let n = words.len();
+            (
+                format!("{} {}", words[n - 5], words[n - 4]),
+                format!("{} {}", words[n - 3], words[n - 2]),
+            )
+        })
         .collect()
 }
 
@@ -45,7 +51,7 @@ fn top_without_a_daemon_attaches_for_as_long_as_it_runs() {
     let ns = Netns::new("agt-top");
     let pin_dir = Path::new("/sys/fs/bpf").join(unique("agent-none"));
     let mut top = Command::new(agent_bin())
-        .args(["top", "-n", "4", "-d", "0.5", "--cgroup-root"])
+        .args(["top", "-n", "3", "-d", "1", "--cgroup-root"])
         .arg(&root.path)
         .arg("--pin-dir")
         .arg(&pin_dir)
@@ -61,6 +67,8 @@ fn top_without_a_daemon_attaches_for_as_long_as_it_runs() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Well inside the first refresh interval (top samples right after attaching).
+    std::thread::sleep(Duration::from_millis(300));
     send(&a, &ns, 10, 100);
     let status = top.wait().expect("wait for agent top");
     let mut output = String::new();
@@ -70,16 +78,17 @@ fn top_without_a_daemon_attaches_for_as_long_as_it_runs() {
         .read_to_string(&mut output)
         .expect("read top output");
     assert!(status.success(), "agent top failed: {output}");
-    // Piped: plain tables, one per refresh, totals since top attached.
+    // Piped: plain tables, one per refresh, with rates over each second.
     assert!(
-        output.contains("RX/s       TX/s         RX         TX  RX PKTS  TX PKTS  CGROUP"),
+        output.contains("  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s  CGROUP"),
         "{output}"
     );
-    let row = last_row(&output, "/a");
+    let rates = rates_of(&output, "/a");
+    let sent = |tx: &str| (String::from("0 B/s"), String::from(tx));
     assert_eq!(
-        &row[row.len() - 5..],
-        ["1.2", "KiB", "0", "10", "/a"],
-        "10 datagrams of 128 bytes: {output}"
+        rates,
+        [sent("1.2 KiB/s"), sent("0 B/s"), sent("0 B/s")],
+        "10 datagrams of 128 bytes in the first second: {output}"
     );
     assert_eq!(attachments(&root.path), 0, "agent top detached on exit");
     assert!(!pin_dir.exists(), "and pinned nothing");
@@ -92,18 +101,20 @@ fn top_reads_a_running_daemon() {
     let a = root.child("a");
     let ns = Netns::new("agt-topd");
     let daemon = Daemon::start(&root.path, &[]);
-    send(&a, &ns, 3, 1000);
-    let out = Command::new(agent_bin())
-        .args(["top", "-n", "1", "-d", "0.1", "--pin-dir"])
+    let top = Command::new(agent_bin())
+        .args(["top", "-n", "1", "-d", "1", "--pin-dir"])
         .arg(&daemon.pin_dir)
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("run agent top");
+    std::thread::sleep(Duration::from_millis(300));
+    send(&a, &ns, 3, 1000);
+    let out = top.wait_with_output().expect("wait for agent top");
     let output = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{output}");
-    let row = last_row(&output, "/a");
     assert_eq!(
-        &row[row.len() - 5..],
-        ["3.0", "KiB", "0", "3", "/a"],
+        rates_of(&output, "/a"),
+        [(String::from("0 B/s"), String::from("3.0 KiB/s"))],
         "{output}"
     );
     assert_eq!(

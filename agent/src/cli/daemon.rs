@@ -65,7 +65,7 @@ async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
         pin_dir: Some(args.pins.pin_dir.clone()),
     })?;
     log::info!(
-        "counting the network traffic of every cgroup under {} (pins in {})",
+        "counting network and scheduler activity of every cgroup under {} (pins in {})",
         root.display(),
         args.pins.pin_dir.display()
     );

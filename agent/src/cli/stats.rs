@@ -11,8 +11,11 @@ use crate::{
 
 /// Print one snapshot of the daemon's per-cgroup counters.
 ///
-/// Reads the maps the daemon pinned. Counts start when the daemon first
-/// attached its programs. Exits with status 2 when no daemon is running.
+/// Reads the maps the daemon pinned and the cgroup files: network bytes and
+/// packets, CPU time, context switches, run-queue latency, processes started
+/// and exited (counted since the daemon first attached), and memory, pids,
+/// block I/O and CPU throttling (the kernel's own figures). Exits with status
+/// 2 when no daemon is running.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
     #[command(flatten)]
@@ -24,11 +27,23 @@ pub struct StatsArgs {
     /// Print JSON (one object on one line) instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Take the snapshot over this interval, which adds rates: CPU percent,
+    /// bytes per second, and the run-queue latency of the interval.
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
+    pub interval: Option<std::time::Duration>,
 }
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let mut collector = open_daemon(&args.pins)?.with_state_dir(&args.state.state_dir);
-    let snapshot = Snapshot::new(&collector.sample()?, None);
+    let first = collector.sample()?;
+    let snapshot = match args.interval {
+        Some(interval) => {
+            std::thread::sleep(interval);
+            Snapshot::new(&collector.sample()?, Some(&first))
+        }
+        None => Snapshot::new(&first, None),
+    };
     if args.json {
         println!("{}", serde_json::to_string(&snapshot)?);
     } else {

@@ -1,24 +1,51 @@
-//! The plain table `agent stats` and `agent top` print.
+//! The plain tables `agent stats` and `agent top` print.
 
 use std::fmt::Write as _;
 
-use crate::{model::Snapshot, units};
+use crate::{
+    model::{CgroupSnapshot, Snapshot},
+    units,
+};
+
+fn opt_bytes(value: Option<u64>) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    value.map_or_else(|| "-".into(), |v| units::bytes(v as f64))
+}
+
+fn opt_count(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn label(cgroup: &CgroupSnapshot) -> String {
+    match &cgroup.name {
+        Some(name) => format!("{} ({name})", cgroup.path),
+        None => cgroup.path.clone(),
+    }
+}
+
+/// How busy a cgroup is over the interval: CPU first, then traffic.
+fn busy(cgroup: &CgroupSnapshot) -> (f64, f64) {
+    let net = cgroup
+        .net
+        .rates
+        .map_or(0.0, |r| r.rx_bytes_per_s + r.tx_bytes_per_s);
+    (cgroup.cpu.percent.unwrap_or(0.0), net)
+}
 
 /// Renders `snapshot` as a table, at most `max_rows` cgroup rows. With rates
-/// the rows are sorted busiest first, else by path.
+/// the rows are sorted busiest first (CPU, then traffic), else by path.
+/// Figures the host cannot give show `-`.
 #[must_use]
 pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     let with_rates = snapshot.interval_s.is_some();
-    let mut rows: Vec<_> = snapshot.cgroups.iter().collect();
+    let mut rows: Vec<&CgroupSnapshot> = snapshot.cgroups.iter().collect();
     if with_rates {
         rows.sort_by(|a, b| {
-            let busy = |c: &crate::model::CgroupSnapshot| {
-                c.net
-                    .rates
-                    .map_or(0.0, |r| r.rx_bytes_per_s + r.tx_bytes_per_s)
-            };
-            busy(b)
-                .total_cmp(&busy(a))
+            let (a_cpu, a_net) = busy(a);
+            let (b_cpu, b_net) = busy(b);
+            b_cpu
+                .total_cmp(&a_cpu)
+                .then(b_net.total_cmp(&a_net))
                 .then_with(|| a.path.cmp(&b.path))
         });
     }
@@ -26,47 +53,55 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     if with_rates {
         let _ = writeln!(
             out,
-            "{:>10} {:>10} {:>10} {:>10} {:>8} {:>8}  CGROUP",
-            "RX/s", "TX/s", "RX", "TX", "RX PKTS", "TX PKTS"
+            "{:>6} {:>9} {:>10} {:>6} {:>10} {:>10}  CGROUP",
+            "CPU%", "RUNQ P99", "MEM", "PIDS", "RX/s", "TX/s"
         );
     } else {
         let _ = writeln!(
             out,
-            "{:>10} {:>10} {:>8} {:>8}  CGROUP",
-            "RX", "TX", "RX PKTS", "TX PKTS"
+            "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10}  CGROUP",
+            "CPU", "SWITCHES", "RUNQ P99", "MEM", "PIDS", "RX", "TX"
         );
     }
     let shown = max_rows.unwrap_or(usize::MAX);
     for cgroup in rows.iter().take(shown) {
-        let net = &cgroup.net;
-        #[expect(clippy::cast_precision_loss, reason = "display only")]
-        let (rx, tx, rxp, txp) = (
-            net.rx_bytes as f64,
-            net.tx_bytes as f64,
-            net.rx_packets as f64,
-            net.tx_packets as f64,
-        );
-        if let Some(rates) = net.rates {
+        let cpu = &cgroup.cpu;
+        if let (Some(rates), Some(percent)) = (cgroup.net.rates, cpu.percent) {
+            let p99 = cpu
+                .runqueue_latency_interval
+                .as_ref()
+                .and_then(|l| l.p99_ns);
             let _ = writeln!(
                 out,
-                "{:>10} {:>10} {:>10} {:>10} {:>8} {:>8}  {}",
+                "{:>6.1} {:>9} {:>10} {:>6} {:>10} {:>10}  {}",
+                percent,
+                p99.map_or_else(|| "-".into(), units::duration_ns),
+                opt_bytes(cgroup.memory.current_bytes),
+                opt_count(cgroup.pids.current),
                 format!("{}/s", units::bytes(rates.rx_bytes_per_s)),
                 format!("{}/s", units::bytes(rates.tx_bytes_per_s)),
-                units::bytes(rx),
-                units::bytes(tx),
-                units::count(rxp),
-                units::count(txp),
-                cgroup.path
+                label(cgroup)
             );
         } else {
+            #[expect(clippy::cast_precision_loss, reason = "display")]
+            let (switches, rx, tx) = (
+                cpu.switches as f64,
+                cgroup.net.rx_bytes as f64,
+                cgroup.net.tx_bytes as f64,
+            );
             let _ = writeln!(
                 out,
-                "{:>10} {:>10} {:>8} {:>8}  {}",
+                "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10}  {}",
+                units::duration_ns(cpu.usage_ns),
+                units::count(switches),
+                cpu.runqueue_latency
+                    .p99_ns
+                    .map_or_else(|| "-".into(), units::duration_ns),
+                opt_bytes(cgroup.memory.current_bytes),
+                opt_count(cgroup.pids.current),
                 units::bytes(rx),
                 units::bytes(tx),
-                units::count(rxp),
-                units::count(txp),
-                cgroup.path
+                label(cgroup)
             );
         }
     }
@@ -77,7 +112,7 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     if lost > 0 {
         let _ = writeln!(
             out,
-            "{lost} packets uncounted: the per-cgroup map is full (see --max-cgroups)"
+            "{lost} packets uncounted: the per-cgroup maps are full (see --max-cgroups)"
         );
     }
     out
@@ -85,62 +120,86 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        path::PathBuf,
+        time::{Duration, Instant, SystemTime},
+    };
+
+    use common::{NetCounters, SchedCounters};
+
     use super::*;
-    use crate::model::{CgroupSnapshot, Net, NetRates};
+    use crate::{
+        cgroupfs::Resources,
+        collect::{CgroupSample, Sample},
+    };
 
-    fn net(rx: u64, rate: Option<f64>) -> Net {
-        Net {
-            rx_bytes: rx,
-            rx_packets: rx / 100,
-            tx_bytes: 0,
-            tx_packets: 0,
-            rates: rate.map(|r| NetRates {
-                rx_bytes_per_s: r,
-                tx_bytes_per_s: 0.0,
-                rx_packets_per_s: 0.0,
-                tx_packets_per_s: 0.0,
-            }),
-        }
-    }
-
-    fn snapshot(rates: bool) -> Snapshot {
-        Snapshot {
-            timestamp: String::new(),
-            cgroup_root: "/sys/fs/cgroup".into(),
-            interval_s: rates.then_some(1.0),
+    fn sample(at: Instant, busy_cpu_ns: u64, busy_rx: u64) -> Sample {
+        let cgroup = |id, path: &str, cpu_ns, rx_bytes| {
+            let mut sched = SchedCounters::ZERO;
+            sched.cpu_ns = cpu_ns;
+            CgroupSample {
+                id,
+                path: path.into(),
+                name: (path == "/busy").then(|| "job".into()),
+                net: NetCounters {
+                    rx_bytes,
+                    rx_packets: rx_bytes / 100,
+                    tx_bytes: 0,
+                    tx_packets: 0,
+                },
+                sched,
+                resources: Resources {
+                    memory_current: Some(2048),
+                    pids_current: Some(3),
+                    ..Resources::default()
+                },
+            }
+        };
+        Sample {
+            taken: SystemTime::UNIX_EPOCH,
+            at,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroups: vec![
-                CgroupSnapshot {
-                    id: 1,
-                    path: "/".into(),
-                    name: None,
-                    net: net(2048, rates.then_some(10.0)),
-                },
-                CgroupSnapshot {
-                    id: 2,
-                    path: "/busy".into(),
-                    name: None,
-                    net: net(100, rates.then_some(5000.0)),
-                },
+                cgroup(1, "/", 1_000_000, 2048),
+                cgroup(2, "/busy", busy_cpu_ns, busy_rx),
             ],
-            uncounted: net(0, None),
+            uncounted: NetCounters::ZERO,
+            sched_uncounted: SchedCounters::ZERO,
         }
     }
 
     #[test]
-    fn without_rates_rows_follow_paths() {
-        let table = render(&snapshot(false), None);
+    fn without_rates_rows_follow_paths_with_totals() {
+        let table = render(&Snapshot::new(&sample(Instant::now(), 0, 100), None), None);
         let lines: Vec<_> = table.lines().collect();
-        assert_eq!(lines[0], "        RX         TX  RX PKTS  TX PKTS  CGROUP");
-        assert_eq!(lines[1], "   2.0 KiB        0 B       20        0  /");
-        assert!(lines[2].ends_with("  /busy"));
+        assert_eq!(
+            lines[0],
+            "     CPU  SWITCHES  RUNQ P99        MEM   PIDS         RX         TX  CGROUP"
+        );
+        assert_eq!(
+            lines[1],
+            "   1.0ms         0         -    2.0 KiB      3    2.0 KiB        0 B  /"
+        );
+        assert!(lines[2].ends_with("  /busy (job)"), "{table}");
     }
 
     #[test]
     fn with_rates_the_busiest_comes_first_and_rows_are_capped() {
-        let table = render(&snapshot(true), Some(1));
+        let start = Instant::now();
+        let snapshot = Snapshot::new(
+            &sample(start + Duration::from_secs(1), 500_000_000, 100),
+            Some(&sample(start, 0, 0)),
+        );
+        let table = render(&snapshot, Some(1));
         let lines: Vec<_> = table.lines().collect();
-        assert!(lines[1].trim_start().starts_with("4.9 KiB/s"), "{table}");
-        assert!(lines[1].ends_with("  /busy"));
+        assert_eq!(
+            lines[0],
+            "  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s  CGROUP"
+        );
+        assert_eq!(
+            lines[1],
+            "  50.0         -    2.0 KiB      3    100 B/s      0 B/s  /busy (job)"
+        );
         assert_eq!(lines[2], "... and 1 more cgroups");
     }
 }

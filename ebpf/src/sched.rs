@@ -1,0 +1,290 @@
+//! Per-cgroup CPU and scheduler accounting from the scheduler's BTF
+//! tracepoints (tp_btf): on-CPU time, voluntary and involuntary switches,
+//! run-queue latency, and processes started and exited.
+//!
+//! Everything is charged to the *current* task's cgroup
+//! (`bpf_get_current_cgroup_id`), at a moment when the current task is the one
+//! concerned, and nothing reads a clock:
+//! - on-CPU time comes from `sched_stat_runtime`, which carries the very
+//!   delta the kernel adds to the task's runtime and charges to its cgroup
+//!   (cpuacct.usage, cpu.stat usage_usec), so the two agree exactly;
+//! - at `sched_switch`, `prev` is still current: its switch is counted, and
+//!   its run-queue wait before this run is the growth of its
+//!   `sched_info.run_delay` (kept by the kernel, read through BTF at an offset
+//!   userspace finds in the kernel's BTF) since its last switch out;
+//! - `task_newtask` runs in the parent, whose cgroup the child starts in, and
+//!   `sched_process_exit` in the exiting task.
+//!
+//! Per-task state lives in task local storage (no hash lookups). These
+//! programs run on every context switch: per-CPU counters, no per-event output.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_task_storage_get,
+    },
+    macros::{btf_map, btf_tracepoint, map},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
+    programs::BtfTracePointContext,
+    Global,
+};
+use common::{
+    sched::latency_bucket, SchedCounters, SchedSlot, SchedSlotTable, TaskState,
+    DEFAULT_MAX_CGROUPS, LATENCY_BUCKETS, SCHED_SLOTS,
+};
+use core::{ffi::c_void, ptr::write_volatile};
+
+use crate::slots::{self, add, Slot};
+
+/// Level and id of the watched cgroup root. At level 0 (the whole v2
+/// hierarchy) every task counts; deeper, only tasks under it.
+#[unsafe(no_mangle)]
+static SCHED_ROOT_LEVEL: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static SCHED_ROOT_ID: Global<u64> = Global::new(0);
+/// Offset of `task_struct.sched_info.run_delay`, from the kernel's BTF.
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFFSET: Global<u64> = Global::new(0);
+
+/// `clone_flags` bit of a new thread (not a process).
+const CLONE_THREAD: u64 = 0x0001_0000;
+/// Map flag: allocate hash entries on demand (sched counters are large).
+const BPF_F_NO_PREALLOC: u32 = 1;
+/// `bpf_task_storage_get` flag: create the storage when absent.
+const STORAGE_CREATE: u64 = 1;
+
+#[map(name = "SCHED_SLOTS")]
+static SLOTS: PerCpuArray<SchedSlotTable> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCHED_OVERFLOW")]
+static OVERFLOW: PerCpuHashMap<u64, SchedCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SCHED_EVICT")]
+static EVICT: Array<u64> = Array::with_max_entries(SCHED_SLOTS as u32, 0);
+
+#[map(name = "SCHED_UNCOUNTED")]
+static UNCOUNTED: PerCpuArray<SchedCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// A task local storage map (BPF_MAP_TYPE_TASK_STORAGE, Linux 5.11), declared
+/// the way libbpf reads BTF map definitions: each field's pointee type
+/// carries one parameter. aya-ebpf 0.2 has no such map type.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; 29],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; 1],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The storage of `task` (a BTF task pointer), created when absent.
+    #[inline(always)]
+    fn get_or_create(&self, task: *mut c_void) -> Option<*mut T> {
+        // SAFETY: `task` comes from a tp_btf argument (a trusted pointer).
+        let value = unsafe {
+            bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                task.cast(),
+                core::ptr::null_mut(),
+                STORAGE_CREATE,
+            )
+        };
+        (!value.is_null()).then_some(value.cast())
+    }
+}
+
+#[btf_map]
+static SCHED_TASKS: TaskStorage<TaskState> = TaskStorage::new();
+
+// SAFETY: SchedSlot is #[repr(C)] with its owner first.
+unsafe impl Slot for SchedSlot {
+    unsafe fn clear(this: *mut Self) {
+        // SAFETY: the trait's contract.
+        unsafe { write_volatile(&raw mut (*this).counters, SchedCounters::ZERO) }
+    }
+}
+
+/// Whether the current task is under the watched root.
+#[inline(always)]
+fn in_scope() -> bool {
+    let level = SCHED_ROOT_LEVEL.load();
+    // SAFETY: a helper without pointer arguments.
+    level == 0
+        || unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } == SCHED_ROOT_ID.load()
+}
+
+/// This CPU's counters of cgroup `id`: its slot, else an overflow entry, else
+/// the uncounted bin.
+#[inline(always)]
+fn counters(id: u64) -> Option<*mut SchedCounters> {
+    let table = SLOTS.get_ptr_mut(0)?;
+    let index = (id & (SCHED_SLOTS as u64 - 1)) as usize;
+    // SAFETY: this CPU's table, and index < SCHED_SLOTS.
+    if let Some(slot) = unsafe {
+        slots::find(
+            (&raw mut (*table).slots).cast::<SchedSlot>(),
+            index,
+            id,
+            &EVICT,
+        )
+    } {
+        // SAFETY: a slot of this CPU's table.
+        return Some(unsafe { &raw mut (*slot).counters });
+    }
+    overflow(id)
+}
+
+#[inline(never)]
+fn overflow(id: u64) -> Option<*mut SchedCounters> {
+    if let Some(counters) = OVERFLOW.get_ptr_mut(id) {
+        return Some(counters);
+    }
+    let _ = OVERFLOW.insert(id, SchedCounters::ZERO, u64::from(BPF_NOEXIST));
+    OVERFLOW
+        .get_ptr_mut(id)
+        .or_else(|| UNCOUNTED.get_ptr_mut(0))
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+    let preempt: u64 = ctx.arg(0);
+    let prev: *mut c_void = ctx.arg(1);
+    let prev_state: u64 = ctx.arg(3);
+    // SAFETY: helpers without pointer arguments. pid 0 is the idle task,
+    // which belongs to no cgroup.
+    if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(counters) = counters(id) else {
+        return 0;
+    };
+    // As the kernel counts nvcsw/nivcsw: involuntary when prev was preempted
+    // or is still runnable (TASK_RUNNING is 0).
+    let involuntary = preempt & 0xff != 0 || prev_state & 0xffff_ffff == 0;
+    // SAFETY (whole block): this CPU's counters (sched_switch runs with
+    // interrupts off, never nested); `prev` is a trusted task pointer and the
+    // offset is task_struct.sched_info.run_delay, a u64, per the kernel's BTF.
+    unsafe {
+        add(
+            if involuntary {
+                &raw mut (*counters).involuntary
+            } else {
+                &raw mut (*counters).voluntary
+            },
+            1,
+        );
+        let run_delay = *prev
+            .cast::<u8>()
+            .add(TASK_RUN_DELAY_OFFSET.load() as usize)
+            .cast::<u64>();
+        let Some(state) = SCHED_TASKS.get_or_create(prev) else {
+            return 0;
+        };
+        // Known since its last switch out (or its creation): the wait before
+        // this run is what run_delay grew by. A task first seen now has no
+        // known baseline, so its first wait is not sampled.
+        if (*state).cgroup_id != 0 && run_delay >= (*state).run_delay_ns {
+            let wait = run_delay - (*state).run_delay_ns;
+            let bucket = latency_bucket(wait);
+            if bucket < LATENCY_BUCKETS {
+                add(&raw mut (*counters).latency[bucket], 1);
+            }
+            if wait > (*counters).latency_max_ns {
+                (*counters).latency_max_ns = wait;
+            }
+        }
+        (*state).run_delay_ns = run_delay;
+        (*state).cgroup_id = id;
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_stat_runtime")]
+pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct task_struct *tsk, u64 runtime): the delta the kernel
+    // just added to tsk's runtime and to its cgroup's CPU usage.
+    let task: *mut c_void = ctx.arg(0);
+    let runtime: u64 = ctx.arg(1);
+    // SAFETY: a helper without pointer arguments.
+    let id = if unsafe { bpf_get_current_task() } == task as u64 {
+        if !in_scope() {
+            return 0;
+        }
+        // SAFETY: as above.
+        unsafe { bpf_get_current_cgroup_id() }
+    } else {
+        // Another CPU's running task, updated from here (a remote enqueue):
+        // its cgroup as seen at its last switch out.
+        match SCHED_TASKS.get_or_create(task) {
+            // SAFETY: the task's storage.
+            Some(state) if unsafe { (*state).cgroup_id } != 0 => unsafe { (*state).cgroup_id },
+            _ => return 0,
+        }
+    };
+    if let Some(counters) = counters(id) {
+        // SAFETY: this CPU's counters; tracepoints run with preemption off,
+        // and no program touching them runs in interrupts.
+        unsafe { add(&raw mut (*counters).cpu_ns, runtime) };
+    }
+    0
+}
+
+#[btf_tracepoint(function = "task_newtask")]
+pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct task_struct *task, u64 clone_flags); in the parent.
+    let task: *mut c_void = ctx.arg(0);
+    let clone_flags: u64 = ctx.arg(1);
+    if !in_scope() {
+        return 0;
+    }
+    // SAFETY: a helper without pointer arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // A new task has waited nothing yet: its first wait is sampled too.
+    if let Some(state) = SCHED_TASKS.get_or_create(task) {
+        // SAFETY: the new task's storage.
+        unsafe {
+            (*state).run_delay_ns = 0;
+            (*state).cgroup_id = id;
+        }
+    }
+    if clone_flags & CLONE_THREAD == 0 {
+        if let Some(counters) = counters(id) {
+            // SAFETY: this CPU's counters; preemption is off in tracepoints.
+            unsafe { add(&raw mut (*counters).started, 1) };
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct task_struct *p, bool group_dead); in the exiting task.
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff != 0 && in_scope() {
+        // SAFETY: a helper without pointer arguments.
+        if let Some(counters) = counters(unsafe { bpf_get_current_cgroup_id() }) {
+            // SAFETY: as in task_newtask.
+            unsafe { add(&raw mut (*counters).exited, 1) };
+        }
+    }
+    0
+}
