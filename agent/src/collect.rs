@@ -71,6 +71,23 @@ pub enum Role {
 /// How often at most the "map full" warning repeats while it keeps growing.
 const UNCOUNTED_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// One cgroup's CPU figures as read from its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolledCpu {
+    pub id: u64,
+    pub usage_ns: Option<u64>,
+    pub throttled_ns: Option<u64>,
+}
+
+/// How much a sample reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// Maps and cgroup files.
+    Full,
+    /// Maps only: resource figures are left empty.
+    MapsOnly,
+}
+
 /// What a slot table and its overflow hash held, summed per cgroup over CPUs.
 struct TableRead<T> {
     totals: HashMap<u64, T>,
@@ -206,6 +223,16 @@ impl Collector {
     /// changed between the walk and the map reads, so that a cgroup created
     /// meanwhile is never mistaken for a removed one.
     pub fn sample(&mut self) -> Result<Sample, Error> {
+        self.sample_with(Detail::Full)
+    }
+
+    /// Reads the maps only (no cgroup files): what the daemon needs every
+    /// tick to drop the counters of removed cgroups, at a fraction of the cost.
+    pub fn housekeep(&mut self) -> Result<Sample, Error> {
+        self.sample_with(Detail::MapsOnly)
+    }
+
+    fn sample_with(&mut self, detail: Detail) -> Result<Sample, Error> {
         let generation = self.generation()?;
         if self.tree_generation != Some(generation) {
             self.tree = CgroupTree::walk(&self.root)?;
@@ -300,11 +327,10 @@ impl Collector {
         let mut cgroups: Vec<CgroupSample> = Vec::with_capacity(self.tree.len());
         for (id, path) in self.tree.iter() {
             let relative = self.root_in_mount.join(path.trim_start_matches('/'));
-            let resources = self
-                .files
-                .as_mut()
-                .map(|files| files.resources(id, &relative))
-                .unwrap_or_default();
+            let resources = match (&mut self.files, detail) {
+                (Some(files), Detail::Full) => files.resources(id, &relative),
+                _ => Resources::default(),
+            };
             cgroups.push(CgroupSample {
                 id,
                 path: path.to_owned(),
@@ -332,10 +358,10 @@ impl Collector {
         })
     }
 
-    /// CPU usage of every cgroup from the cgroup files (cpuacct.usage, or
-    /// cpu.stat on v2), the way file-polling monitors get it: walks the tree
-    /// and opens every file each time. For the benchmarks' comparison.
-    pub fn poll_cpu_files(&mut self) -> Result<Vec<(u64, Option<u64>)>, Error> {
+    /// The CPU figures the cgroup files give (usage, and throttling from
+    /// cpu.stat), read the way file-polling monitors do: walking the tree and
+    /// opening every file each time. For the benchmarks' comparison.
+    pub fn poll_cpu_files(&mut self) -> Result<Vec<PolledCpu>, Error> {
         let tree = CgroupTree::walk(&self.root)?;
         let Some(layout) = Layout::detect() else {
             return Ok(Vec::new());
@@ -343,13 +369,16 @@ impl Collector {
         let mut out = Vec::with_capacity(tree.len());
         for (id, path) in tree.iter() {
             let relative = self.root_in_mount.join(path.trim_start_matches('/'));
-            let file = layout.path(FileKind::CpuUsage, &relative);
-            out.push((
+            let read = |kind| std::fs::read_to_string(layout.path(kind, &relative)).ok();
+            let usage =
+                read(FileKind::CpuUsage).and_then(|text| crate::cgroupfs::parse_cpu_usage(&text));
+            let throttled =
+                read(FileKind::CpuStat).and_then(|text| crate::cgroupfs::parse_throttling(&text).1);
+            out.push(PolledCpu {
                 id,
-                std::fs::read_to_string(file)
-                    .ok()
-                    .and_then(|text| crate::cgroupfs::parse_cpu_usage(&text)),
-            ));
+                usage_ns: usage,
+                throttled_ns: throttled,
+            });
         }
         Ok(out)
     }

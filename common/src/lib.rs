@@ -91,6 +91,14 @@ pub mod programs {
     pub const SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
     pub const TASK_NEWTASK: &str = "task_newtask";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    /// Empty programs on the same tracepoints (tracepoint, program), the
+    /// baseline of `cargo xtask bench sched`.
+    pub const SCHED_EMPTY: [(&str, &str); 4] = [
+        (SCHED_SWITCH, "sched_empty_switch"),
+        (SCHED_STAT_RUNTIME, "sched_empty_runtime"),
+        (TASK_NEWTASK, "sched_empty_newtask"),
+        (SCHED_PROCESS_EXIT, "sched_empty_exit"),
+    ];
 }
 
 /// Name of the global (in `.rodata`) holding the slot index mask, a power of

@@ -288,3 +288,24 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     0
 }
+
+/// Empty programs on the same tracepoints: the baseline of `cargo xtask bench sched`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_empty_switch(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sched_stat_runtime")]
+pub fn sched_empty_runtime(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "task_newtask")]
+pub fn sched_empty_newtask(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_empty_exit(_ctx: BtfTracePointContext) -> i32 {
+    0
+}

@@ -472,6 +472,149 @@ pub fn remove_pins(pin_dir: &Path) {
     }
 }
 
+/// `agent run` for a test: its own cgroup parent (`--cgroup-parent`) and
+/// state directory;
+/// removes whatever is left of both on drop.
+pub struct Runs {
+    pub parent: String,
+    pub state: PathBuf,
+}
+
+impl Runs {
+    pub fn new() -> Self {
+        require_root();
+        let parent = unique("agent-test-run");
+        let state = std::env::temp_dir().join(&parent);
+        Self { parent, state }
+    }
+
+    pub fn command(&self, flags: &[&str], command: &[&str]) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--cgroup-parent")
+            .arg(&self.parent)
+            .arg("--state-dir")
+            .arg(&self.state);
+        cmd.args(flags).arg("--").args(command);
+        cmd
+    }
+
+    pub fn output(&self, flags: &[&str], command: &[&str]) -> Output {
+        self.command(flags, command)
+            .output()
+            .expect("run agent run")
+    }
+
+    pub fn spawn(&self, flags: &[&str], command: &[&str]) -> Child {
+        self.command(flags, command)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent run")
+    }
+
+    pub fn agent(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .expect("run agent")
+    }
+
+    /// `agent ps --json`, once the workload `name` is listed.
+    pub fn wait_running(&self, name: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.agent(&["ps", "--json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps --json");
+            if let Some(found) = list
+                .as_array()
+                .and_then(|l| l.iter().find(|w| w["name"] == name))
+            {
+                return found.clone();
+            }
+            assert!(Instant::now() < deadline, "workload {name} did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The directories a workload would have, one per hierarchy.
+    pub fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        cgroup_mounts()
+            .into_iter()
+            .map(|mount| mount.join(&self.parent).join(name))
+            .collect()
+    }
+
+    /// Asserts nothing of workload `name` is left: no cgroup in any
+    /// hierarchy, no record.
+    pub fn assert_gone(&self, name: &str) {
+        for dir in self.dirs(name) {
+            assert!(!dir.exists(), "{} is left behind", dir.display());
+        }
+        assert!(
+            !self
+                .state
+                .join("workloads")
+                .join(format!("{name}.json"))
+                .exists(),
+            "the record of {name} is left behind"
+        );
+    }
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        for mount in cgroup_mounts() {
+            let dir = mount.join(&self.parent);
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                {
+                    for pid in fs::read_to_string(entry.path().join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                    {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            let _ = fs::remove_dir(&dir);
+        }
+        let _ = fs::remove_dir_all(&self.state);
+    }
+}
+
+/// Every cgroup hierarchy mounted under /sys/fs/cgroup (v1 controllers and v2).
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
 /// The `net` object of the cgroup with `path` in a `agent stats --json` snapshot.
 pub fn net_of<'a>(stats: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
     stats["cgroups"]

@@ -35,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "busybox-static",
     "procps",
+    "linux-perf",
 ];
 
 /// Checks each requirement, installs what is missing, and says in one

@@ -36,9 +36,23 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub keep_pinned: bool,
 
+    /// Where the per-cgroup CPU figures come from each interval: `ebpf` (the
+    /// maps, the default) or `files` (walking the tree and reading every
+    /// cgroup's CPU files, the way file-polling monitors do). Only
+    /// `cargo xtask bench sched` uses `files`, to compare the two.
+    #[arg(long, value_enum, default_value = "ebpf", hide = true)]
+    pub cpu_source: CpuSource,
+
     /// How often to read the maps and drop the entries of removed cgroups.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = super::parse_duration)]
     pub interval: Duration,
+}
+
+/// See [`DaemonArgs::cpu_source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuSource {
+    Ebpf,
+    Files,
 }
 
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
@@ -77,8 +91,8 @@ async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => match collector.sample() {
-                Ok(_) => failing = false,
+            _ = tick.tick() => match tick_once(&mut collector, args.cpu_source) {
+                Ok(()) => failing = false,
                 Err(err) if !failing => {
                     log::warn!("collecting failed, retrying every interval: {err}");
                     failing = true;
@@ -100,4 +114,11 @@ async fn serve(args: &DaemonArgs) -> anyhow::Result<()> {
         log::info!("stopped; programs detached and pins removed");
     }
     Ok(())
+}
+
+fn tick_once(collector: &mut Collector, source: CpuSource) -> Result<(), crate::collect::Error> {
+    match source {
+        CpuSource::Ebpf => collector.housekeep().map(|_| ()),
+        CpuSource::Files => collector.poll_cpu_files().map(|_| ()),
+    }
 }

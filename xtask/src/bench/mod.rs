@@ -11,6 +11,10 @@ pub enum Which {
     /// iperf3 TCP and 64-byte UDP over veth, with no program, an empty program
     /// and the accounting programs, interleaved; ns per program run.
     Net(Common),
+    /// perf bench sched pipe and messaging with no program, empty programs and
+    /// the scheduler accounting; ns per run; the daemon's CPU at 10 to 1,000
+    /// cgroups against polling cgroup files.
+    Sched(Common),
 }
 
 #[derive(Args, Clone)]
@@ -26,6 +30,7 @@ pub struct Common {
 pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
     let (name, common) = match &which {
         Which::Net(common) => ("net", common),
+        Which::Sched(common) => ("sched", common),
     };
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])

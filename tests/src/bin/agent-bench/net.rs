@@ -1,83 +1,25 @@
-//! `agent-bench net`: the measurements behind `cargo xtask bench net`.
-//!
-//! iperf3 between two network namespaces joined by veth, client and server
-//! each in a cgroup under a benchmark root, in three modes interleaved run by
-//! run: no program, an empty cgroup_skb program (ingress and egress) attached
-//! at the root, and the real `agent daemon` attached at the root. Medians of
-//! the repeats, ratios to no program, and each program's ns per run from
-//! `kernel.bpf_stats_enabled` (measured in separate runs, since the stats
-//! themselves cost time on every run).
+//! `agent-bench net`: iperf3 between two network namespaces joined by veth,
+//! client and server each in a cgroup under a benchmark root, in three modes
+//! interleaved run by run: no program, an empty cgroup_skb program (ingress
+//! and egress) attached at the root, and the real `agent daemon` attached at
+//! the root. Medians of the repeats, ratios to no program, and each program's
+//! ns per run from `kernel.bpf_stats_enabled` (measured in separate runs,
+//! since the stats themselves cost time on every run).
 
 use std::{
     fmt::Write as _,
     fs,
-    path::PathBuf,
-    process::{Child, ExitCode, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
 use agent_tests::{Cgroup, Daemon, VethPair};
+
+use crate::{
+    measure::{self, paired_ratio, program_stats, spread, BpfStats},
+    Options,
+};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("agent-bench: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-struct Options {
-    seconds: u32,
-    repeats: usize,
-    out: Option<PathBuf>,
-}
-
-fn parse(args: &[String]) -> Result<(String, Options), String> {
-    let mut options = Options {
-        seconds: 5,
-        repeats: 5,
-        out: None,
-    };
-    let mut which = None;
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().cloned().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--seconds" => {
-                options.seconds = value("--seconds")?
-                    .parse()
-                    .map_err(|e| format!("--seconds: {e}"))?
-            }
-            "--repeats" => {
-                options.repeats = value("--repeats")?
-                    .parse()
-                    .map_err(|e| format!("--repeats: {e}"))?
-            }
-            "--out" => options.out = Some(PathBuf::from(value("--out")?)),
-            name if which.is_none() && !name.starts_with('-') => which = Some(name.to_owned()),
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    if options.repeats == 0 || options.seconds == 0 {
-        return Err("--repeats and --seconds must be at least 1".into());
-    }
-    Ok((
-        which.ok_or("usage: agent-bench net [--seconds N] [--repeats N] [--out FILE]")?,
-        options,
-    ))
-}
-
-fn run(args: &[String]) -> Result<(), String> {
-    let (which, options) = parse(args)?;
-    match which.as_str() {
-        "net" => net(&options),
-        other => Err(format!("unknown benchmark {other:?} (known: net)")),
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -235,82 +177,7 @@ impl Bench {
     }
 }
 
-/// Run time and count of every program attached directly to `cgroup`.
-fn program_stats(cgroup: &std::path::Path) -> (u64, u64) {
-    let out = agent_tests::run(
-        "bpftool",
-        &["-j", "cgroup", "show", &cgroup.display().to_string()],
-    );
-    let attached: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let mut ids: Vec<u32> = attached
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|p| p["id"].as_u64())
-                .filter_map(|id| u32::try_from(id).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut time = 0;
-    let mut count = 0;
-    for info in aya::programs::loaded_programs().flatten() {
-        if ids.contains(&info.id()) {
-            time += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
-            count += info.run_count();
-        }
-    }
-    (time, count)
-}
-
-/// Sets `kernel.bpf_stats_enabled` and restores the previous value on drop.
-struct BpfStats(String);
-
-impl BpfStats {
-    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn enable() -> Self {
-        let previous = fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
-        fs::write(Self::PATH, "1").expect("enable kernel.bpf_stats_enabled");
-        Self(previous.trim().to_owned())
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = fs::write(Self::PATH, &self.0);
-    }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    } else {
-        sorted[mid]
-    }
-}
-
-/// `median (min to max)`.
-fn spread(values: &[f64], digits: usize) -> String {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!(
-        "{:.digits$} ({min:.digits$} to {max:.digits$})",
-        median(values)
-    )
-}
-
-/// Median of `a[k] / b[k]`: runs of one repeat ran back to back.
-fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
-    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
-    median(&ratios)
-}
-
-fn net(options: &Options) -> Result<(), String> {
+pub fn run(options: &Options) -> Result<(), String> {
     agent_tests::require_root();
     let root = Cgroup::new_root("agent-bench-net");
     let bench = Bench {
@@ -370,23 +237,16 @@ fn net(options: &Options) -> Result<(), String> {
     }
     drop(stats);
 
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = agent_tests::run("date", &["-u", "+%Y-%m-%d"]);
-    let date = String::from_utf8_lossy(&date.stdout).trim().to_owned();
-    let mut table = String::new();
-    let _ = writeln!(table, "# cargo xtask bench net, {date}");
-    let _ = writeln!(table);
+    let mut table = measure::preamble("net");
     let _ = writeln!(
         table,
-        "Kernel {}, {} CPUs. iperf3 between two network namespaces over veth (client on CPU 0, server on \
+        "iperf3 between two network namespaces over veth (client on CPU 0, server on \
          CPU 1), each in a cgroup under the benchmark root; programs attached at that root. Modes \
          interleaved run by run, {} repeats of {seconds} s after a warm-up. Cells: median (min to max). \
          Ratios: median of the ratios within each repeat, so that the host's drift between repeats \
          cancels. ns per run: kernel.bpf_stats_enabled=1 during {ns_repeats} separate interleaved \
          {ns_seconds} s runs of the UDP load per mode (one program run per packet per hook; the figure \
          includes the kernel's own cost of timing each run).",
-        kernel.trim(),
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         options.repeats,
     );
     let _ = writeln!(table);
@@ -419,10 +279,5 @@ fn net(options: &Options) -> Result<(), String> {
         spread(&ns[1], 1),
         paired_ratio(&ns[1], &ns[0])
     );
-    print!("{table}");
-    if let Some(out) = &options.out {
-        fs::write(out, &table).map_err(|e| format!("writing {}: {e}", out.display()))?;
-        eprintln!("table written to {}", out.display());
-    }
-    Ok(())
+    measure::publish(&table, options.out.as_deref())
 }

@@ -1,0 +1,70 @@
+//! `agent-bench`: the measurements behind `cargo xtask bench <net|sched>`.
+//! Each benchmark measures side by side in one run, interleaving modes run by
+//! run, and prints a table of medians and ratios.
+
+mod measure;
+mod net;
+mod sched;
+
+use std::{path::PathBuf, process::ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("agent-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub struct Options {
+    pub seconds: u32,
+    pub repeats: usize,
+    pub out: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> Result<(String, Options), String> {
+    let mut options = Options {
+        seconds: 5,
+        repeats: 5,
+        out: None,
+    };
+    let mut which = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().cloned().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--seconds" => {
+                options.seconds = value("--seconds")?
+                    .parse()
+                    .map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--repeats" => {
+                options.repeats = value("--repeats")?
+                    .parse()
+                    .map_err(|e| format!("--repeats: {e}"))?
+            }
+            "--out" => options.out = Some(PathBuf::from(value("--out")?)),
+            name if which.is_none() && !name.starts_with('-') => which = Some(name.to_owned()),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    if options.repeats == 0 || options.seconds == 0 {
+        return Err("--repeats and --seconds must be at least 1".into());
+    }
+    Ok((
+        which.ok_or("usage: agent-bench net|sched [--seconds N] [--repeats N] [--out FILE]")?,
+        options,
+    ))
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let (which, options) = parse(args)?;
+    match which.as_str() {
+        "net" => net::run(&options),
+        "sched" => sched::run(&options),
+        other => Err(format!("unknown benchmark {other:?} (known: net, sched)")),
+    }
+}
