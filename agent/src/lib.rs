@@ -15,6 +15,7 @@ pub mod cli;
 pub mod collect;
 pub mod loader;
 pub mod model;
+pub mod policy;
 pub mod units;
 pub mod workload;
 

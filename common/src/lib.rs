@@ -5,6 +5,8 @@
 //! The `user` feature adds `aya::Pod` impls for userspace.
 #![no_std]
 
+pub mod devices;
+pub mod events;
 pub mod net;
 pub mod sched;
 
@@ -57,9 +59,19 @@ pub mod maps {
     pub const SCHED_UNCOUNTED: &str = "SCHED_UNCOUNTED";
     /// Task local storage of [`crate::TaskState`] (only the kernel reads it).
     pub const SCHED_TASKS: &str = "SCHED_TASKS";
+    /// Hash: cgroup id → [`crate::devices::DevPolicyRef`].
+    pub const DEV_POLICY: &str = "DEV_POLICY";
+    /// Hash: [`crate::devices::DevKey`] → allowed access bits (u32).
+    pub const DEV_RULES: &str = "DEV_RULES";
+    /// Per-CPU hash: cgroup id → [`crate::devices::DevCounters`].
+    pub const DEV_COUNTS: &str = "DEV_COUNTS";
+    /// Ring buffer of [`crate::events::Event`].
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of one [`crate::events::Bucket`].
+    pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
@@ -71,6 +83,11 @@ pub mod maps {
         SCHED_EVICT,
         SCHED_UNCOUNTED,
         SCHED_TASKS,
+        DEV_POLICY,
+        DEV_RULES,
+        DEV_COUNTS,
+        EVENTS,
+        EVENT_BUCKET,
     ];
 }
 
@@ -91,6 +108,10 @@ pub mod programs {
     pub const SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
     pub const TASK_NEWTASK: &str = "task_newtask";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    /// cgroup_device: enforces device policies (attached only where asked).
+    pub const DEV_GUARD: &str = "dev_guard";
+    /// cgroup_device that allows everything: the baseline of `cargo xtask bench dev`.
+    pub const DEV_EMPTY: &str = "dev_empty";
     /// Empty programs on the same tracepoints (tracepoint, program), the
     /// baseline of `cargo xtask bench sched`.
     pub const SCHED_EMPTY: [(&str, &str); 4] = [
@@ -112,6 +133,12 @@ pub const SCHED_ROOT_LEVEL: &str = "SCHED_ROOT_LEVEL";
 pub const SCHED_ROOT_ID: &str = "SCHED_ROOT_ID";
 /// Name of the global holding the offset of `task_struct.sched_info.run_delay`.
 pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
+
+/// Name of the global with the event rate limit, in events per second per
+/// CPU (also the burst).
+pub const EVENT_RATE: &str = "EVENT_RATE";
+/// Default of [`EVENT_RATE`].
+pub const DEFAULT_EVENT_RATE: u64 = 100;
 
 /// Longest cgroup root path [`AgentInfo`] can record (PATH_MAX).
 pub const AGENT_INFO_PATH_MAX: usize = 4096;
@@ -165,4 +192,14 @@ mod user {
     unsafe impl aya::Pod for crate::SchedSlotTable {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::TaskState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::devices::DevPolicyRef {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::devices::DevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::devices::DevCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::events::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::events::Bucket {}
 }

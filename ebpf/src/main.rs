@@ -10,6 +10,8 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod cgroup;
+mod devices;
+mod events;
 mod info;
 mod net;
 mod sched;

@@ -1,0 +1,405 @@
+//! The policy file: which cgroups get which device (and network) rules.
+//! Pure: parsing and validation, no maps and no aya.
+//!
+//! ```json
+//! {
+//!   "version": 1,
+//!   "policies": [
+//!     {
+//!       "name": "sandbox",
+//!       "cgroups": ["/web", "/batch/*"],
+//!       "workloads": ["build"],
+//!       "devices": {
+//!         "default": "deny",
+//!         "rules": [{"allow": "c 1:3 rw"}, {"deny": "c 1:9 w"}, {"allow": "c 1:9 r"}]
+//!       }
+//!     }
+//!   ]
+//! }
+//! ```
+//!
+//! `cgroups` are paths relative to the watched root, with `*` matching within
+//! one path segment, `**` across segments and `?` one character;
+//! `workloads` are `agent run` names. A cgroup gets the first policy (in file
+//! order) that selects it. An invalid file is rejected whole, with every error
+//! and where it is.
+
+pub mod devices;
+
+use std::{collections::HashMap, fmt};
+
+use serde_json::Value;
+
+pub use self::devices::{Action, DevicePolicy};
+
+/// The only file format version so far.
+pub const VERSION: u64 = 1;
+
+/// One problem in a policy file, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `line 3, column 7` for syntax, a field path (`policies[2].devices.rules[1]`) for meaning.
+    pub place: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.place, self.message)
+    }
+}
+
+/// Every problem of a rejected file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Invalid(pub Vec<Problem>);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        write!(f, "{}", text.join("; "))
+    }
+}
+
+/// Which cgroups a policy covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selectors {
+    pub cgroups: Vec<String>,
+    pub workloads: Vec<String>,
+}
+
+/// One policy of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub select: Selectors,
+    pub devices: Option<DevicePolicy>,
+}
+
+/// A valid policy file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyFile {
+    pub policies: Vec<Policy>,
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, place: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { place: place.into(), message: message.into() });
+    }
+
+    fn strings(&mut self, value: Option<&Value>, place: &str) -> Vec<String> {
+        match value {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| match item {
+                    Value::String(text) => Some(text.clone()),
+                    other => {
+                        self.problem(format!("{place}[{i}]"), format!("{} is not a string", kind(other)));
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                self.problem(place, format!("{} is not a list of strings", kind(other)));
+                Vec::new()
+            }
+        }
+    }
+
+    fn devices(&mut self, value: &Value, place: &str) -> Option<DevicePolicy> {
+        let Value::Object(fields) = value else {
+            self.problem(place, format!("{} is not an object with \"default\" and \"rules\"", kind(value)));
+            return None;
+        };
+        for key in fields.keys().filter(|k| !["default", "rules"].contains(&k.as_str())) {
+            self.problem(format!("{place}.{key}"), "unknown field (known: default, rules)");
+        }
+        let default = match fields.get("default") {
+            Some(Value::String(text)) if text == "allow" => Some(Action::Allow),
+            Some(Value::String(text)) if text == "deny" => Some(Action::Deny),
+            None => {
+                self.problem(place, "\"default\" is missing: say \"allow\" or \"deny\"");
+                None
+            }
+            Some(other) => {
+                self.problem(format!("{place}.default"), format!("{} is neither \"allow\" nor \"deny\"", shown(other)));
+                None
+            }
+        };
+        let mut rules = Vec::new();
+        match fields.get("rules") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let rule_place = format!("{place}.rules[{i}]");
+                    let parsed = match item {
+                        Value::Object(rule) if rule.len() == 1 => {
+                            let (key, text) = rule.iter().next().map(|(k, v)| (k.as_str(), v)).unwrap_or(("", &Value::Null));
+                            let action = match key {
+                                "allow" => Some(Action::Allow),
+                                "deny" => Some(Action::Deny),
+                                other => {
+                                    self.problem(&rule_place, format!("{other:?} is neither \"allow\" nor \"deny\""));
+                                    None
+                                }
+                            };
+                            match (action, text) {
+                                (Some(action), Value::String(text)) => match devices::parse_rule(text, action) {
+                                    Ok(rule) => Some(rule),
+                                    Err(message) => {
+                                        self.problem(&rule_place, message);
+                                        None
+                                    }
+                                },
+                                (Some(_), other) => {
+                                    self.problem(&rule_place, format!("the rule is {}, not a string such as \"c 1:3 rw\"", kind(other)));
+                                    None
+                                }
+                                (None, _) => None,
+                            }
+                        }
+                        other => {
+                            self.problem(&rule_place, format!("{} is not {{\"allow\": RULE}} or {{\"deny\": RULE}}", kind(other)));
+                            None
+                        }
+                    };
+                    rules.extend(parsed);
+                }
+            }
+            Some(other) => self.problem(format!("{place}.rules"), format!("{} is not a list", kind(other))),
+        }
+        let policy = DevicePolicy { default: default?, rules };
+        let entries = policy.compile().len();
+        if entries > MAX_COMPILED_ENTRIES {
+            self.problem(
+                place,
+                format!(
+                    "the rules name too many distinct majors and minors ({entries} table entries, at most {MAX_COMPILED_ENTRIES}): \
+                     use fewer, or wildcards"
+                ),
+            );
+            return None;
+        }
+        Some(policy)
+    }
+}
+
+/// Most compiled entries one device policy may take in the kernel's table.
+pub const MAX_COMPILED_ENTRIES: usize = 16_384;
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(text) => format!("{text:?}"),
+        Value::Number(n) => n.to_string(),
+        other => kind(other).to_owned(),
+    }
+}
+
+/// Parses and checks a policy file's text; every problem is reported.
+pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
+    let value: Value = serde_json::from_str(text).map_err(|err| {
+        Invalid(vec![Problem {
+            place: format!("line {}, column {}", err.line(), err.column()),
+            message: err.to_string().split(" at line ").next().unwrap_or_default().to_owned(),
+        }])
+    })?;
+    let mut checker = Checker { problems: Vec::new() };
+    let Value::Object(top) = &value else {
+        return Err(Invalid(vec![Problem { place: "top level".into(), message: format!("{} is not an object", kind(&value)) }]));
+    };
+    match top.get("version") {
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+        Some(other) => checker.problem("version", format!("{} is not a version this agent reads (it reads {VERSION})", shown(other))),
+        None => checker.problem("version", format!("missing: the file must say \"version\": {VERSION}")),
+    }
+    for key in top.keys().filter(|k| !["version", "policies"].contains(&k.as_str())) {
+        checker.problem(key.clone(), "unknown field (known: version, policies)");
+    }
+    let mut file = PolicyFile::default();
+    match top.get("policies") {
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let place = format!("policies[{i}]");
+                let Value::Object(fields) = item else {
+                    checker.problem(&place, format!("{} is not an object", kind(item)));
+                    continue;
+                };
+                for key in fields.keys().filter(|k| !["name", "cgroups", "workloads", "devices"].contains(&k.as_str())) {
+                    checker.problem(format!("{place}.{key}"), "unknown field (known: name, cgroups, workloads, devices)");
+                }
+                let name = match fields.get("name") {
+                    None => format!("policies[{i}]"),
+                    Some(Value::String(name)) => name.clone(),
+                    Some(other) => {
+                        checker.problem(format!("{place}.name"), format!("{} is not a string", kind(other)));
+                        String::new()
+                    }
+                };
+                let cgroups = checker.strings(fields.get("cgroups"), &format!("{place}.cgroups"));
+                for (j, pattern) in cgroups.iter().enumerate() {
+                    if !pattern.starts_with('/') {
+                        checker.problem(format!("{place}.cgroups[{j}]"), format!("{pattern:?} does not start with / (paths are relative to the watched root, as in \"/web\")"));
+                    }
+                }
+                let workloads = checker.strings(fields.get("workloads"), &format!("{place}.workloads"));
+                if cgroups.is_empty() && workloads.is_empty() {
+                    checker.problem(&place, "it selects no cgroup: give \"cgroups\" (paths or globs) or \"workloads\" (agent run names)");
+                }
+                let devices = fields.get("devices").and_then(|value| checker.devices(value, &format!("{place}.devices")));
+                if fields.get("devices").is_none() {
+                    checker.problem(&place, "it has no \"devices\" section: a policy must set something");
+                }
+                file.policies.push(Policy { name, select: Selectors { cgroups, workloads }, devices });
+            }
+        }
+        Some(other) => checker.problem("policies", format!("{} is not a list", kind(other))),
+        None => checker.problem("policies", "missing: the file must have a \"policies\" list"),
+    }
+    if checker.problems.is_empty() {
+        Ok(file)
+    } else {
+        Err(Invalid(checker.problems))
+    }
+}
+
+/// Whether `path` (a cgroup path relative to the root, starting with `/`)
+/// matches `pattern`: `*` within a segment, `**` across segments, `?` one
+/// character of a segment. A segment that is only `*` needs a non-empty
+/// segment (`/*` is every child of the root, not the root itself).
+#[must_use]
+pub fn glob_matches(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8], segment_start: bool) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            Some(b'*') if p.get(1) == Some(&b'*') => (0..=s.len()).any(|i| go(&p[2..], &s[i..], false)),
+            Some(b'*') => {
+                let whole_segment = segment_start && matches!(p.get(1), None | Some(b'/'));
+                (0..=s.len())
+                    .take_while(|i| *i == 0 || s[i - 1] != b'/')
+                    .filter(|i| !whole_segment || *i > 0)
+                    .any(|i| go(&p[1..], &s[i..], false))
+            }
+            Some(b'?') => s.first().is_some_and(|c| *c != b'/') && go(&p[1..], &s[1..], false),
+            Some(c) => s.first() == Some(c) && go(&p[1..], &s[1..], *c == b'/'),
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes(), false)
+}
+
+impl PolicyFile {
+    /// The policy (by index) of each cgroup: the first in file order that
+    /// selects it by path or by workload name.
+    #[must_use]
+    pub fn resolve<'a>(&self, cgroups: impl Iterator<Item = (u64, &'a str)>, names: &HashMap<String, String>) -> HashMap<u64, usize> {
+        let mut out = HashMap::new();
+        for (id, path) in cgroups {
+            let name = names.get(path);
+            let found = self.policies.iter().position(|policy| {
+                policy.select.cgroups.iter().any(|pattern| glob_matches(pattern, path))
+                    || name.is_some_and(|name| policy.select.workloads.contains(name))
+            });
+            if let Some(index) = found {
+                out.insert(id, index);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+  "version": 1,
+  "policies": [
+    {"name": "web", "cgroups": ["/web", "/batch/*"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rw"}, {"allow": "c 1:9 r"}]}},
+    {"workloads": ["build"], "devices": {"default": "allow", "rules": [{"deny": "b *:* w"}]}}
+  ]
+}"#;
+
+    #[test]
+    fn a_good_file_parses() {
+        let file = parse(GOOD).unwrap();
+        assert_eq!(file.policies.len(), 2);
+        assert_eq!(file.policies[0].name, "web");
+        assert_eq!(file.policies[1].name, "policies[1]");
+        let devices = file.policies[0].devices.as_ref().unwrap();
+        assert_eq!(devices.default, Action::Deny);
+        assert_eq!(devices.rules.iter().map(ToString::to_string).collect::<Vec<_>>(), ["c 1:3 rw", "c 1:9 r"]);
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column() {
+        let err = parse("{\n  \"version\": 1,\n  \"policies\": [,]\n}").unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].place, "line 3, column 16");
+        assert_eq!(err.0[0].message, "expected value");
+    }
+
+    #[test]
+    fn every_meaning_error_names_its_field() {
+        let text = r#"{"version": 2, "extra": 1, "policies": [
+            {"cgroups": ["/a"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rw"}, {"allow": "c x:3 r"}]}},
+            {"cgroups": ["web"], "devices": {"default": "maybe"}},
+            {"devices": {"default": "deny", "rules": [{"permit": "c 1:3 r"}, "c 1:3 r"]}},
+            {"cgroups": ["/b"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rx"}]}, "network": {}}
+        ]}"#;
+        let err = parse(text).unwrap_err();
+        let shown: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "version: 2 is not a version this agent reads (it reads 1)",
+                "extra: unknown field (known: version, policies)",
+                "policies[0].devices.rules[1]: major \"x\" is neither a number nor *",
+                "policies[1].cgroups[0]: \"web\" does not start with / (paths are relative to the watched root, as in \"/web\")",
+                "policies[1].devices.default: \"maybe\" is neither \"allow\" nor \"deny\"",
+                "policies[2]: it selects no cgroup: give \"cgroups\" (paths or globs) or \"workloads\" (agent run names)",
+                "policies[2].devices.rules[0]: \"permit\" is neither \"allow\" nor \"deny\"",
+                "policies[2].devices.rules[1]: a string is not {\"allow\": RULE} or {\"deny\": RULE}",
+                "policies[3].network: unknown field (known: name, cgroups, workloads, devices)",
+                "policies[3].devices.rules[0]: access 'x' is none of r, w, m",
+            ]
+        );
+    }
+
+    #[test]
+    fn globs_match_within_and_across_segments() {
+        assert!(glob_matches("/web", "/web"));
+        assert!(!glob_matches("/web", "/web/x"));
+        assert!(glob_matches("/batch/*", "/batch/job-1"));
+        assert!(!glob_matches("/batch/*", "/batch/job-1/sub"));
+        assert!(glob_matches("/batch/**", "/batch/job-1/sub"));
+        assert!(glob_matches("/**/leaf", "/a/b/leaf"));
+        assert!(glob_matches("/job-?", "/job-7"));
+        assert!(!glob_matches("/job-?", "/job-77"));
+        assert!(glob_matches("/*", "/anything"));
+        assert!(!glob_matches("/*", "/"));
+    }
+
+    #[test]
+    fn the_first_policy_that_selects_a_cgroup_wins() {
+        let file = parse(GOOD).unwrap();
+        let names = HashMap::from([("/agent/build".to_owned(), "build".to_owned())]);
+        let tree = [(1, "/"), (2, "/web"), (3, "/batch/a"), (4, "/agent/build"), (5, "/other")];
+        let resolved = file.resolve(tree.iter().map(|(id, path)| (*id, *path)), &names);
+        assert_eq!(resolved, HashMap::from([(2, 0), (3, 0), (4, 1)]));
+    }
+}

@@ -1,0 +1,60 @@
+//! Device policy: the kernel's cgroup_device request encoding, and the maps'
+//! keys and values.
+
+/// `bpf_cgroup_dev_ctx.access_type & 0xffff`: block or char (BPF_DEVCG_DEV_*).
+pub const TYPE_BLOCK: u32 = 1;
+pub const TYPE_CHAR: u32 = 2;
+/// `bpf_cgroup_dev_ctx.access_type >> 16` bits (BPF_DEVCG_ACC_*).
+pub const ACCESS_MKNOD: u8 = 1;
+pub const ACCESS_READ: u8 = 2;
+pub const ACCESS_WRITE: u8 = 4;
+/// A major or minor of `*` in the rule table.
+pub const DEV_ANY: u32 = u32::MAX;
+
+/// The policy in force for a cgroup (`DEV_POLICY`, by cgroup id). Rules of a
+/// policy version are never changed in place: a change writes a new version
+/// and then swaps this one value, so that every access sees either the old
+/// rules or the new, whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevPolicyRef {
+    pub version: u32,
+    /// [`OWNER_DAEMON`] or [`OWNER_RUN`]: who set it, and may change it.
+    pub owner: u32,
+}
+
+/// Set by the daemon from the policy file.
+pub const OWNER_DAEMON: u32 = 1;
+/// Set by `agent run --device` for its workload.
+pub const OWNER_RUN: u32 = 2;
+
+/// A `DEV_RULES` key: allowed access bits of a device under a policy version.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DevKey {
+    pub version: u32,
+    pub dev_type: u32,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// Per cgroup and CPU (`DEV_COUNTS`): device accesses decided.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevCounters {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Denials whose event the rate limit held back.
+    pub suppressed: u64,
+}
+
+impl DevCounters {
+    #[must_use]
+    pub const fn plus(self, other: Self) -> Self {
+        Self {
+            allowed: self.allowed.saturating_add(other.allowed),
+            denied: self.denied.saturating_add(other.denied),
+            suppressed: self.suppressed.saturating_add(other.suppressed),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Device policy: a cgroup_device program that looks up the policy of the
+//! current task's cgroup and its rules in maps. It is attached once (at the
+//! watched root by the daemon, or at a workload's cgroup by `agent run`), and
+//! however often policies change, only the maps change: never a stack of
+//! programs.
+//!
+//! A cgroup without a policy is allowed everything (and not counted). The
+//! rule table is compiled by userspace (see agent/src/policy/devices.rs) so
+//! that the answer is one exact lookup, falling back to `major:*`, `*:minor`
+//! and `*:*` for numbers no rule names.
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_cgroup_id,
+    macros::{cgroup_device, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::DeviceContext,
+};
+use common::{
+    devices::{DevCounters, DevKey, DevPolicyRef, DEV_ANY},
+    events::{Event, EVENT_DEVICE_DENIED},
+    DEFAULT_MAX_CGROUPS,
+};
+
+use crate::{events, slots::atomic_add};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+/// Compiled rule entries of every policy version in force (and the previous
+/// ones until userspace drops them).
+const MAX_RULE_ENTRIES: u32 = 65_536;
+
+#[map(name = "DEV_POLICY")]
+static DEV_POLICY: HashMap<u64, DevPolicyRef> = HashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+#[map(name = "DEV_RULES")]
+static DEV_RULES: HashMap<DevKey, u32> = HashMap::with_max_entries(MAX_RULE_ENTRIES, 0);
+
+#[map(name = "DEV_COUNTS")]
+static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> = PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+#[inline(always)]
+fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
+    for (major, minor) in [(major, minor), (major, DEV_ANY), (DEV_ANY, minor), (DEV_ANY, DEV_ANY)] {
+        // SAFETY: plain data read.
+        if let Some(bits) = unsafe { DEV_RULES.get(&DevKey { version, dev_type, major, minor }) } {
+            return *bits;
+        }
+    }
+    // A compiled policy always has `*:*`; a policy being removed allows nothing.
+    0
+}
+
+/// Counts one decision for `cgroup_id` (atomic adds: cgroup_device runs in
+/// process context, where another task's program can preempt it on this CPU).
+#[inline(always)]
+fn count(cgroup_id: u64, field: fn(*mut DevCounters) -> *mut u64) {
+    let counters = match DEV_COUNTS.get_ptr_mut(cgroup_id) {
+        Some(counters) => counters,
+        None => {
+            let _ = DEV_COUNTS.insert(cgroup_id, DevCounters::default(), 0);
+            match DEV_COUNTS.get_ptr_mut(cgroup_id) {
+                Some(counters) => counters,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a map value of this CPU.
+    unsafe { atomic_add(field(counters), 1) };
+}
+
+#[cgroup_device]
+pub fn dev_guard(ctx: DeviceContext) -> i32 {
+    // SAFETY: a helper without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: plain data read.
+    let Some(policy) = (unsafe { DEV_POLICY.get(&cgroup_id) }) else { return ALLOW };
+    // SAFETY: the context is the kernel's bpf_cgroup_dev_ctx.
+    let (access_type, major, minor) = unsafe { ((*ctx.device).access_type, (*ctx.device).major, (*ctx.device).minor) };
+    let dev_type = access_type & 0xffff;
+    let access = access_type >> 16;
+    if access & !allowed(policy.version, dev_type, major, minor) == 0 {
+        // SAFETY (field projections): pointers into the map value.
+        count(cgroup_id, |c| unsafe { &raw mut (*c).allowed });
+        return ALLOW;
+    }
+    count(cgroup_id, |c| unsafe { &raw mut (*c).denied });
+    let event = Event { kind: EVENT_DEVICE_DENIED, cgroup_id, dev_type, major, minor, access, ..Event::ZERO };
+    if !events::send(event) {
+        count(cgroup_id, |c| unsafe { &raw mut (*c).suppressed });
+    }
+    DENY
+}
+
+/// Allows everything and touches nothing: the baseline of `cargo xtask bench dev`.
+#[cgroup_device]
+pub fn dev_empty(_ctx: DeviceContext) -> i32 {
+    ALLOW
+}
