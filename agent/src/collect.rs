@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{MapData, MapError, PerCpuHashMap};
-use common::{maps, NetCounters, SchedCounters, SLOT_RECLAIMING};
+use common::{devices::DevCounters, maps, NetCounters, SchedCounters, SLOT_RECLAIMING};
 
 use crate::{
     cgroup::CgroupTree,
@@ -41,6 +41,7 @@ pub struct CgroupSample {
     pub net: NetCounters,
     pub sched: SchedCounters,
     pub resources: Resources,
+    pub devices: DevCounters,
 }
 
 /// Cumulative counters of every cgroup under the root at one moment.
@@ -194,6 +195,18 @@ impl Collector {
         self
     }
 
+    /// The kernel's cgroup tree-change counter (`None` when unreadable).
+    #[must_use]
+    pub fn tree_generation(&self) -> Option<u64> {
+        self.generation().ok()
+    }
+
+    /// The path of cgroup `id` as of the last walk.
+    #[must_use]
+    pub fn path_of(&self, id: u64) -> Option<&str> {
+        self.tree.path(id)
+    }
+
     /// The cgroup root the programs are attached to.
     #[must_use]
     pub fn root(&self) -> &Path {
@@ -290,6 +303,30 @@ impl Collector {
             SchedCounters::ZERO,
             SchedCounters::plus,
         )?;
+        let mut devices: HashMap<u64, DevCounters> = HashMap::new();
+        let mut dead_devices = Vec::new();
+        for entry in self.maps.dev_counts.iter() {
+            let (id, per_cpu) = match entry {
+                Ok(entry) => entry,
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: maps::DEV_COUNTS,
+                        source,
+                    })
+                }
+            };
+            if self.tree.contains(id) {
+                devices.insert(
+                    id,
+                    per_cpu
+                        .iter()
+                        .fold(DevCounters::default(), |sum, cpu| sum.plus(*cpu)),
+                );
+            } else {
+                dead_devices.push(id);
+            }
+        }
         let uncounted = self
             .maps
             .net_uncounted
@@ -312,15 +349,17 @@ impl Collector {
             .fold(SchedCounters::ZERO, |sum, cpu| sum.plus(cpu));
 
         if self.role == Role::Owner
-            && [&net.dead_slots, &sched.dead_slots]
-                .iter()
-                .any(|dead| !dead.is_empty())
-                | [&net.dead_overflow, &sched.dead_overflow]
-                    .iter()
-                    .any(|dead| !dead.is_empty())
+            && !(net.dead_slots.is_empty()
+                && sched.dead_slots.is_empty()
+                && net.dead_overflow.is_empty()
+                && sched.dead_overflow.is_empty()
+                && dead_devices.is_empty())
             && self.generation()? == generation
         {
             self.forget(&net, &sched)?;
+            for id in &dead_devices {
+                let _ = self.maps.dev_counts.remove(id);
+            }
         }
         self.warn_uncounted(&uncounted, at);
 
@@ -342,6 +381,7 @@ impl Collector {
                     .copied()
                     .unwrap_or(SchedCounters::ZERO),
                 resources,
+                devices: devices.get(&id).copied().unwrap_or_default(),
             });
         }
         if let Some(files) = self.files.as_mut() {

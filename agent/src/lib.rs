@@ -13,6 +13,8 @@ pub mod cgroup;
 pub mod cgroupfs;
 pub mod cli;
 pub mod collect;
+pub mod enforce;
+pub mod events;
 pub mod loader;
 pub mod model;
 pub mod policy;

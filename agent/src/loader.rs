@@ -8,23 +8,24 @@
 
 use std::{
     fs, io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
-    maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError,
-        RawTracePoint,
+        BtfTracePoint, CgroupDevice, CgroupSkb, ProgramError, RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use common::{
+    devices::{DevCounters, DevKey, DevPolicyRef},
     maps, programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
-    AGENT_INFO_PATH_MAX, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL,
-    TASK_RUN_DELAY_OFFSET,
+    AGENT_INFO_PATH_MAX, EVENT_RATE, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID,
+    SCHED_ROOT_LEVEL, TASK_RUN_DELAY_OFFSET,
 };
 
 use crate::{bpffs, sys};
@@ -34,9 +35,9 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
 /// The cgroup_skb programs of the network accounting, with their hooks.
-const NET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
-    (programs::NET_INGRESS, CgroupSkbAttachType::Ingress),
-    (programs::NET_EGRESS, CgroupSkbAttachType::Egress),
+const NET_PROGRAMS: [(&str, u32); 2] = [
+    (programs::NET_INGRESS, sys::ATTACH_CGROUP_INET_INGRESS),
+    (programs::NET_EGRESS, sys::ATTACH_CGROUP_INET_EGRESS),
 ];
 
 /// Raw tracepoint programs, each named as its tracepoint: the cgroup tree changes.
@@ -71,12 +72,12 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching {name} to cgroup {cgroup} failed: {source}{hint}", hint = program_hint(.source))]
+    #[error("attaching {name} to cgroup {cgroup} failed: {source}{hint}", hint = attach_hint(.source.as_ref()))]
     AttachCgroup {
         name: &'static str,
         cgroup: PathBuf,
         #[source]
-        source: ProgramError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("attaching {name} to raw tracepoint {tracepoint} failed: {source}")]
     AttachTracepoint {
@@ -175,7 +176,7 @@ fn root_hint(err: &aya::EbpfError) -> &'static str {
     }
 }
 
-fn program_hint(err: &ProgramError) -> &'static str {
+fn attach_hint(err: &(dyn std::error::Error + Send + Sync + 'static)) -> &'static str {
     if is_permission_error(err) {
         " (attaching eBPF programs needs root: run the agent with sudo)"
     } else {
@@ -185,6 +186,7 @@ fn program_hint(err: &ProgramError) -> &'static str {
 
 /// Typed handles to the maps the collector reads.
 pub struct Maps {
+    pub dev_counts: PerCpuHashMap<MapData, u64, DevCounters>,
     pub net_slots: PerCpuArray<MapData, NetSlotTable>,
     pub net_overflow: PerCpuHashMap<MapData, u64, NetCounters>,
     pub net_evict: Array<MapData, u64>,
@@ -199,6 +201,7 @@ pub struct Maps {
 impl Maps {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
         Ok(Self {
+            dev_counts: take_map(ebpf, maps::DEV_COUNTS)?,
             net_slots: take_map(ebpf, maps::NET_SLOTS)?,
             net_overflow: take_map(ebpf, maps::NET_OVERFLOW)?,
             net_evict: take_map(ebpf, maps::NET_EVICT)?,
@@ -213,6 +216,7 @@ impl Maps {
 
     fn from_pins(pin_dir: &Path) -> Result<Self, Error> {
         Ok(Self {
+            dev_counts: open_pinned(pin_dir, maps::DEV_COUNTS)?,
             net_slots: open_pinned(pin_dir, maps::NET_SLOTS)?,
             net_overflow: open_pinned(pin_dir, maps::NET_OVERFLOW)?,
             net_evict: open_pinned(pin_dir, maps::NET_EVICT)?,
@@ -224,6 +228,31 @@ impl Maps {
             sched_uncounted: open_pinned(pin_dir, maps::SCHED_UNCOUNTED)?,
         })
     }
+}
+
+/// The maps device policies are written to (by the daemon, or `agent run`).
+pub struct DeviceMaps {
+    pub policy: HashMap<MapData, u64, DevPolicyRef>,
+    pub rules: HashMap<MapData, DevKey, u32>,
+}
+
+impl DeviceMaps {
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            policy: take_map(ebpf, maps::DEV_POLICY)?,
+            rules: take_map(ebpf, maps::DEV_RULES)?,
+        })
+    }
+}
+
+/// Everything a loaded object hands to the stages that use its maps.
+pub struct Loaded {
+    /// For the collector.
+    pub counters: Maps,
+    /// For the policy enforcer.
+    pub devices: DeviceMaps,
+    /// For the event reader.
+    pub events: RingBuf<MapData>,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
@@ -241,8 +270,10 @@ where
     let path = bpffs::maps_dir(pin_dir).join(name);
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
     let map = match name {
-        maps::NET_OVERFLOW | maps::SCHED_OVERFLOW => Map::PerCpuHashMap(data),
+        maps::NET_OVERFLOW | maps::SCHED_OVERFLOW | maps::DEV_COUNTS => Map::PerCpuHashMap(data),
         maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT => Map::Array(data),
+        maps::DEV_POLICY | maps::DEV_RULES => Map::HashMap(data),
+        maps::EVENTS => Map::RingBuf(data),
         _ => Map::PerCpuArray(data),
     };
     T::try_from(map).map_err(|source| Error::Map { name, source })
@@ -338,6 +369,11 @@ pub struct Options {
     pub net_slots: u32,
     /// Pin everything here (the daemon), or nothing (`agent top` on its own).
     pub pin_dir: Option<PathBuf>,
+    /// Attach the device policy program at the root (only with a policy file:
+    /// it can deny).
+    pub devices: bool,
+    /// Denial events per second per CPU (and burst).
+    pub event_rate: u64,
 }
 
 /// The programs, loaded and attached. Dropping it detaches whatever is not
@@ -347,6 +383,8 @@ pub struct Attached {
     _ebpf: Ebpf,
     /// Links we pinned (held open so the shutdown order is ours to choose).
     _pinned_links: Vec<PinnedLink>,
+    /// Cgroup links (pinned or not): the last fd and pin going detaches.
+    _links: Vec<OwnedFd>,
     info_map: Option<Array<MapData, AgentInfo>>,
     info: DaemonInfo,
     pin_dir: Option<PathBuf>,
@@ -388,7 +426,7 @@ impl Attached {
     /// their counts are reused, and each pinned cgroup link gets the new
     /// program atomically (BPF_LINK_UPDATE), so no packet goes uncounted or is
     /// counted twice across the restart.
-    pub fn load(options: &Options) -> Result<(Self, Maps), Error> {
+    pub fn load(options: &Options) -> Result<(Self, Loaded), Error> {
         if !options.net_slots.is_power_of_two() || options.net_slots as usize > NET_SLOTS {
             return Err(Error::BadSlots {
                 slots: options.net_slots,
@@ -432,6 +470,7 @@ impl Attached {
         loader.override_global(SCHED_ROOT_ID, &root_id, true);
         let mask = u64::from(options.net_slots - 1);
         loader.override_global(NET_SLOT_MASK, &mask, true);
+        loader.override_global(EVENT_RATE, &options.event_rate, true);
         let map_pins: Vec<(&str, PathBuf)> = options
             .pin_dir
             .iter()
@@ -459,53 +498,57 @@ impl Attached {
             source,
         })?;
         let mut pinned_links = Vec::new();
+        let mut links = Vec::new();
         for (name, attach_type) in NET_PROGRAMS {
             let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
+            let fd = program
+                .fd()
+                .map_err(|source| Error::LoadProgram { name, source })?;
             let pin = options
                 .pin_dir
                 .as_ref()
                 .map(|dir| bpffs::links_dir(dir).join(name));
-            if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
-                let link = sys::obj_get(pin).map_err(|source| Error::LinkUpdate {
-                    path: pin.clone(),
-                    source,
-                })?;
-                let fd = program
-                    .fd()
-                    .map_err(|source| Error::LoadProgram { name, source })?;
-                sys::link_update(
-                    std::os::fd::AsFd::as_fd(&link),
-                    std::os::fd::AsFd::as_fd(fd),
-                )
-                .map_err(|source| Error::LinkUpdate {
-                    path: pin.clone(),
-                    source,
-                })?;
-                continue;
-            }
-            // Single: through bpf_link the attachment is multi-attach anyway,
-            // and AllowMultiple makes BPF_LINK_CREATE fail with EINVAL.
-            let id = program
-                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-                .map_err(|source| Error::AttachCgroup {
-                    name,
-                    cgroup: options.cgroup_root.clone(),
-                    source,
-                })?;
-            if let Some(pin) = pin {
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| Error::LoadProgram { name, source })?;
-                let link = FdLink::try_from(link).map_err(|source| Error::Pin {
-                    what: name,
-                    path: pin.clone(),
-                    source: Box::new(source),
-                })?;
-                pinned_links.push(pin_link(link, &pin, name, &mut guard)?);
-            }
+            links.extend(attach_or_update(
+                name,
+                fd.as_fd(),
+                &cgroup,
+                &options.cgroup_root,
+                attach_type,
+                pin,
+                &mut guard,
+            )?);
+        }
+        let device_pin = options
+            .pin_dir
+            .as_ref()
+            .map(|dir| bpffs::links_dir(dir).join(programs::DEV_GUARD));
+        if options.devices {
+            let name = programs::DEV_GUARD;
+            let program: &mut CgroupDevice = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+            let fd = program
+                .fd()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+            links.extend(attach_or_update(
+                name,
+                fd.as_fd(),
+                &cgroup,
+                &options.cgroup_root,
+                sys::ATTACH_CGROUP_DEVICE,
+                device_pin,
+                &mut guard,
+            )?);
+        } else if let Some(pin) = device_pin.filter(|pin| pin.exists()) {
+            // A previous daemon enforced device policies; this one does not.
+            fs::remove_file(&pin).map_err(|source| Error::Unpin {
+                pin_dir: pin,
+                source,
+            })?;
         }
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|source| Error::Btf {
             source: Box::new(source),
@@ -565,7 +608,11 @@ impl Attached {
             }
         }
 
-        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let loaded = Loaded {
+            counters: Maps::from_ebpf(&mut ebpf)?,
+            devices: DeviceMaps::from_ebpf(&mut ebpf)?,
+            events: take_map(&mut ebpf, maps::EVENTS)?,
+        };
         let info = DaemonInfo {
             pid: std::process::id(),
             cgroup_root: options.cgroup_root.clone(),
@@ -598,11 +645,12 @@ impl Attached {
             Self {
                 _ebpf: ebpf,
                 _pinned_links: pinned_links,
+                _links: links,
                 info_map,
                 info,
                 pin_dir: options.pin_dir.clone(),
             },
-            maps,
+            loaded,
         ))
     }
 
@@ -636,6 +684,77 @@ impl Attached {
         bpffs::remove_pin_dir(&pin_dir).map_err(|source| Error::Unpin { pin_dir, source })
         // Dropping self closes the last link fds: the programs detach.
     }
+}
+
+/// The device program attached to one cgroup for `agent run --device`: it
+/// stays attached for as long as this value lives.
+pub struct DeviceGuard {
+    _ebpf: Ebpf,
+    _link: OwnedFd,
+}
+
+/// Maps a device program attached by `agent run` shares with a running
+/// daemon, so that its counts and events show in `agent stats` and
+/// `agent events`.
+const DEVICE_MAPS: [&str; 5] = [
+    maps::DEV_POLICY,
+    maps::DEV_RULES,
+    maps::DEV_COUNTS,
+    maps::EVENTS,
+    maps::EVENT_BUCKET,
+];
+
+/// Attaches the device program to `cgroup` (a v2 directory this process
+/// created) for `agent run --device`. With a daemon's pins at `pin_dir`, the
+/// program uses the daemon's maps; otherwise maps of its own.
+pub fn guard_devices(
+    cgroup: &Path,
+    pin_dir: Option<&Path>,
+) -> Result<(DeviceGuard, DeviceMaps), Error> {
+    let mut loader = EbpfLoader::new();
+    loader.allow_unsupported_maps();
+    let shared: Vec<(&str, PathBuf)> = pin_dir
+        .filter(|dir| pins_exist(dir))
+        .map(|dir| {
+            DEVICE_MAPS
+                .map(|name| (name, bpffs::maps_dir(dir).join(name)))
+                .to_vec()
+        })
+        .unwrap_or_default();
+    for (name, path) in &shared {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| Error::Load { source })?;
+    let name = programs::DEV_GUARD;
+    let program: &mut CgroupDevice = program_mut(&mut ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| Error::LoadProgram { name, source })?;
+    let fd = program
+        .fd()
+        .map_err(|source| Error::LoadProgram { name, source })?;
+    let dir = fs::File::open(cgroup).map_err(|source| Error::OpenCgroup {
+        path: cgroup.into(),
+        source,
+    })?;
+    let link =
+        sys::link_create(fd.as_fd(), dir.as_fd(), sys::ATTACH_CGROUP_DEVICE).map_err(|source| {
+            Error::AttachCgroup {
+                name,
+                cgroup: cgroup.into(),
+                source: Box::new(source),
+            }
+        })?;
+    let maps = DeviceMaps::from_ebpf(&mut ebpf)?;
+    Ok((
+        DeviceGuard {
+            _ebpf: ebpf,
+            _link: link,
+        },
+        maps,
+    ))
 }
 
 /// Where this kernel keeps `task_struct.sched_info.run_delay`.
@@ -674,6 +793,51 @@ fn root_position(root: &Path) -> Result<(u64, u64), Error> {
         })
         .unwrap_or(0);
     Ok((level as u64, id))
+}
+
+/// Attaches program `name` to `cgroup` through a bpf_link pinned at `pin`
+/// (kept by the caller when there is no pin), or, when a previous daemon's
+/// link is pinned there, swaps this program into it atomically
+/// (BPF_LINK_UPDATE): every packet or access meets the old program or the
+/// new, never neither, never both. Returns the new link's fd, if any.
+fn attach_or_update(
+    name: &'static str,
+    program: BorrowedFd<'_>,
+    cgroup: &fs::File,
+    cgroup_path: &Path,
+    attach_type: u32,
+    pin: Option<PathBuf>,
+    guard: &mut StartGuard,
+) -> Result<Option<OwnedFd>, Error> {
+    if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+        let link = sys::obj_get(pin).map_err(|source| Error::LinkUpdate {
+            path: pin.clone(),
+            source,
+        })?;
+        sys::link_update(link.as_fd(), program).map_err(|source| Error::LinkUpdate {
+            path: pin.clone(),
+            source,
+        })?;
+        return Ok(None);
+    }
+    // Through bpf_link a cgroup attachment is always multi-attach: it stacks
+    // with other programs (a container runtime's) and never replaces them.
+    let link = sys::link_create(program, cgroup.as_fd(), attach_type).map_err(|source| {
+        Error::AttachCgroup {
+            name,
+            cgroup: cgroup_path.into(),
+            source: Box::new(source),
+        }
+    })?;
+    if let Some(pin) = pin {
+        sys::obj_pin(link.as_fd(), &pin).map_err(|source| Error::Pin {
+            what: name,
+            path: pin.clone(),
+            source: Box::new(source),
+        })?;
+        guard.created.push(pin);
+    }
+    Ok(Some(link))
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

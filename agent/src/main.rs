@@ -24,6 +24,8 @@ fn main() -> ExitCode {
         Command::Pause(target) => done(cli::control::pause(target)),
         Command::Resume(target) => done(cli::control::resume(target)),
         Command::Stop(args) => done(cli::control::stop(args)),
+        Command::Policy(args) => done(cli::policy::run(args)),
+        Command::Events(args) => done(cli::events::run(args)),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -41,7 +43,12 @@ fn exit_status(err: &anyhow::Error) -> u8 {
         if let Some(failure) = cause.downcast_ref::<cli::run::Failure>() {
             return failure.status;
         }
-        if matches!(cause.downcast_ref(), Some(loader::Error::NoDaemon { .. })) {
+        if matches!(cause.downcast_ref(), Some(loader::Error::NoDaemon { .. }))
+            || matches!(
+                cause.downcast_ref(),
+                Some(agent::events::Error::NoDaemon { .. })
+            )
+        {
             return 2;
         }
     }

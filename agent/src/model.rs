@@ -42,6 +42,16 @@ pub struct CgroupSnapshot {
     pub pids: Pids,
     pub io: Io,
     pub processes: Processes,
+    pub devices: Devices,
+}
+
+/// Device accesses decided by the device policy (counted where one is in force).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Devices {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Denials whose event the rate limit held back.
+    pub suppressed_events: u64,
 }
 
 /// Network counters since the programs were attached, and rates over the
@@ -292,6 +302,11 @@ impl CgroupSnapshot {
                 started: cgroup.sched.started,
                 exited: cgroup.sched.exited,
             },
+            devices: Devices {
+                allowed: cgroup.devices.allowed,
+                denied: cgroup.devices.denied,
+                suppressed_events: cgroup.devices.suppressed,
+            },
         }
     }
 }
@@ -361,6 +376,11 @@ mod tests {
                 tx_packets: 0,
             },
             sched,
+            devices: common::devices::DevCounters {
+                allowed: 5,
+                denied: 2,
+                suppressed: 1,
+            },
             resources: Resources {
                 memory_current: Some(4096),
                 memory_limit: None,
@@ -434,6 +454,10 @@ mod tests {
         assert_eq!(
             c["processes"],
             serde_json::json!({"started": 2, "exited": 1})
+        );
+        assert_eq!(
+            c["devices"],
+            serde_json::json!({"allowed": 5, "denied": 2, "suppressed_events": 1})
         );
         assert!(
             c["cpu"].get("percent").is_none(),

@@ -73,3 +73,54 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Attach types of the cgroup programs (enum bpf_attach_type).
+pub const ATTACH_CGROUP_INET_INGRESS: u32 = 0;
+pub const ATTACH_CGROUP_INET_EGRESS: u32 = 1;
+pub const ATTACH_CGROUP_DEVICE: u32 = 6;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// Attaches `program` to `target` (a cgroup directory fd) through a new
+/// bpf_link (BPF_LINK_CREATE): multi-attach, detached when the last fd or
+/// pin of the link goes.
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_LINK_CREATE returned no fd"))?;
+    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins the object behind `fd` at `path` on a bpffs (BPF_OBJ_PIN).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}

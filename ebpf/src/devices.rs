@@ -36,13 +36,26 @@ static DEV_POLICY: HashMap<u64, DevPolicyRef> = HashMap::with_max_entries(DEFAUL
 static DEV_RULES: HashMap<DevKey, u32> = HashMap::with_max_entries(MAX_RULE_ENTRIES, 0);
 
 #[map(name = "DEV_COUNTS")]
-static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> = PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
 
 #[inline(always)]
 fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
-    for (major, minor) in [(major, minor), (major, DEV_ANY), (DEV_ANY, minor), (DEV_ANY, DEV_ANY)] {
+    for (major, minor) in [
+        (major, minor),
+        (major, DEV_ANY),
+        (DEV_ANY, minor),
+        (DEV_ANY, DEV_ANY),
+    ] {
         // SAFETY: plain data read.
-        if let Some(bits) = unsafe { DEV_RULES.get(&DevKey { version, dev_type, major, minor }) } {
+        if let Some(bits) = unsafe {
+            DEV_RULES.get(&DevKey {
+                version,
+                dev_type,
+                major,
+                minor,
+            })
+        } {
             return *bits;
         }
     }
@@ -73,9 +86,17 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
     // SAFETY: a helper without pointer arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: plain data read.
-    let Some(policy) = (unsafe { DEV_POLICY.get(&cgroup_id) }) else { return ALLOW };
+    let Some(policy) = (unsafe { DEV_POLICY.get(&cgroup_id) }) else {
+        return ALLOW;
+    };
     // SAFETY: the context is the kernel's bpf_cgroup_dev_ctx.
-    let (access_type, major, minor) = unsafe { ((*ctx.device).access_type, (*ctx.device).major, (*ctx.device).minor) };
+    let (access_type, major, minor) = unsafe {
+        (
+            (*ctx.device).access_type,
+            (*ctx.device).major,
+            (*ctx.device).minor,
+        )
+    };
     let dev_type = access_type & 0xffff;
     let access = access_type >> 16;
     if access & !allowed(policy.version, dev_type, major, minor) == 0 {
@@ -84,7 +105,15 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
         return ALLOW;
     }
     count(cgroup_id, |c| unsafe { &raw mut (*c).denied });
-    let event = Event { kind: EVENT_DEVICE_DENIED, cgroup_id, dev_type, major, minor, access, ..Event::ZERO };
+    let event = Event {
+        kind: EVENT_DEVICE_DENIED,
+        cgroup_id,
+        dev_type,
+        major,
+        minor,
+        access,
+        ..Event::ZERO
+    };
     if !events::send(event) {
         count(cgroup_id, |c| unsafe { &raw mut (*c).suppressed });
     }

@@ -23,7 +23,9 @@ static EVENT_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
 /// Takes one token from this CPU's bucket; `false` when it is empty.
 #[inline(always)]
 fn take_token(now: u64) -> bool {
-    let Some(bucket) = EVENT_BUCKET.get_ptr_mut(0) else { return false };
+    let Some(bucket) = EVENT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
     let rate = EVENT_RATE.load();
     let full = rate * 1000;
     // SAFETY: this CPU's bucket; events come from process context, and a

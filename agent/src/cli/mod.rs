@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod control;
 pub mod daemon;
+pub mod events;
+pub mod policy;
 pub mod ps;
 pub mod run;
 pub mod stats;
@@ -47,6 +49,8 @@ pub enum Command {
     /// Thaw a paused workload.
     Resume(control::Target),
     Stop(control::StopArgs),
+    Policy(policy::PolicyArgs),
+    Events(events::EventsArgs),
 }
 
 /// Where a daemon's pins live.

@@ -93,6 +93,18 @@ pub struct RunArgs {
     /// Keep the cgroups after the workload ends.
     #[arg(long)]
     pub keep: bool,
+    /// Allow a device, as devices.allow writes it: `c 1:3 rw` (TYPE a, b or c;
+    /// MAJOR:MINOR numbers or *; ACCESS of r, w, m). Repeat for more; the
+    /// first matching rule decides. Enforced by an eBPF program on the
+    /// workload's cgroup.
+    #[arg(long, value_name = "RULE")]
+    pub device: Vec<String>,
+    /// What happens to devices no --device allows (default: deny once any
+    /// --device is given).
+    #[arg(long, value_name = "allow|deny", value_parser = parse_action)]
+    pub device_default: Option<crate::policy::Action>,
+    #[command(flatten)]
+    pub pins: super::PinArgs,
     /// Parent of the workload's cgroup in every hierarchy, relative to its root.
     #[arg(long, value_name = "PATH", default_value = "agent")]
     pub cgroup_parent: String,
@@ -130,6 +142,51 @@ impl Drop for ChildGuard {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
         }
+    }
+}
+
+fn parse_action(text: &str) -> Result<crate::policy::Action, String> {
+    match text {
+        "allow" => Ok(crate::policy::Action::Allow),
+        "deny" => Ok(crate::policy::Action::Deny),
+        other => Err(format!("{other:?} is neither allow nor deny")),
+    }
+}
+
+/// A workload's device policy in force: the program on its cgroup and its
+/// rules in the maps; removed on drop.
+struct DeviceRule {
+    maps: crate::loader::DeviceMaps,
+    _guard: crate::loader::DeviceGuard,
+    cgroup_id: u64,
+    version: u32,
+    policy: crate::policy::DevicePolicy,
+}
+
+impl DeviceRule {
+    fn install(
+        cgroup: &Path,
+        pin_dir: &Path,
+        policy: &crate::policy::DevicePolicy,
+    ) -> anyhow::Result<Self> {
+        let (guard, mut maps) = crate::loader::guard_devices(cgroup, Some(pin_dir))?;
+        let cgroup_id = crate::cgroup::cgroup_id(cgroup)?;
+        let version =
+            crate::enforce::RUN_VERSIONS | (std::process::id() & !crate::enforce::RUN_VERSIONS);
+        crate::enforce::set_for_run(&mut maps, cgroup_id, version, policy)?;
+        Ok(Self {
+            maps,
+            _guard: guard,
+            cgroup_id,
+            version,
+            policy: policy.clone(),
+        })
+    }
+}
+
+impl Drop for DeviceRule {
+    fn drop(&mut self) {
+        crate::enforce::clear_for_run(&mut self.maps, self.cgroup_id, self.version, &self.policy);
     }
 }
 
@@ -171,6 +228,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         userns: args.userns,
         rootfs: args.rootfs.clone(),
         keep: args.keep,
+        devices: args.device.clone(),
+        device_default: args.device_default,
         command: args.command.clone(),
     };
     let spec = RunSpec::new(raw, &host, default_name).map_err(|e| {
@@ -237,6 +296,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         held.map_ids().map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
     }
     cgroups.join(pid).map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
+    // The device policy is in force before the command runs.
+    let devices = match &spec.devices {
+        Some(policy) => Some(
+            DeviceRule::install(&cgroups.placement().v2, &args.pins.pin_dir, policy)
+                .map_err(|e| fail(EXIT_AGENT_FAILED, e))?,
+        ),
+        None => None,
+    };
     let veth =
         net::setup(spec.net, pid, &args.state_dir).map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
     let record = Record {
@@ -284,6 +351,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         &signals,
     );
     forget(&args.state_dir);
+    drop(devices);
     let oom_killed = cgroups::oom_kills(cgroups.placement()).unwrap_or(0) > 0;
     if spec.keep {
         cgroups.disarm();

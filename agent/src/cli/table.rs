@@ -153,6 +153,7 @@ mod tests {
                     pids_current: Some(3),
                     ..Resources::default()
                 },
+                devices: common::devices::DevCounters::default(),
             }
         };
         Sample {

@@ -45,13 +45,18 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     } else {
         let root = cgroup::resolve_root(args.load.cgroup_root.as_deref())?;
         super::progress("agent: no daemon running; loading and attaching the eBPF programs...");
-        let (attached, maps) = Attached::load(&Options {
+        let (attached, loaded) = Attached::load(&Options {
             cgroup_root: root.clone(),
             max_cgroups: args.load.max_cgroups,
             net_slots: args.load.net_slots,
             pin_dir: None,
+            devices: false,
+            event_rate: common::DEFAULT_EVENT_RATE,
         })?;
-        (Collector::new(maps, &root, Role::Owner), Some(attached))
+        (
+            Collector::new(loaded.counters, &root, Role::Owner),
+            Some(attached),
+        )
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()

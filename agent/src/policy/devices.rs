@@ -74,7 +74,11 @@ pub fn parse_rule(text: &str, action: Action) -> Result<Rule, String> {
         [t, n, a] => (*t, *n, *a),
         [t, n] => (*t, *n, "rwm"),
         ["a"] => ("a", "*:*", "rwm"),
-        _ => return Err(format!("{text:?} is not TYPE MAJOR:MINOR ACCESS, as in \"c 1:3 rw\"")),
+        _ => {
+            return Err(format!(
+                "{text:?} is not TYPE MAJOR:MINOR ACCESS, as in \"c 1:3 rw\""
+            ))
+        }
     };
     let dev_type = match type_word {
         "a" => DevType::All,
@@ -96,7 +100,9 @@ pub fn parse_rule(text: &str, action: Action) -> Result<Rule, String> {
     };
     let (major, minor) = (number("major", major)?, number("minor", minor)?);
     if dev_type == DevType::All && (major.is_some() || minor.is_some()) {
-        return Err(format!("type a covers every device: write \"a *:* {access_word}\""));
+        return Err(format!(
+            "type a covers every device: write \"a *:* {access_word}\""
+        ));
     }
     let mut access = 0;
     for letter in access_word.chars() {
@@ -110,7 +116,13 @@ pub fn parse_rule(text: &str, action: Action) -> Result<Rule, String> {
     if access == 0 {
         return Err("the access letters are empty: use some of r, w, m".into());
     }
-    Ok(Rule { action, dev_type, major, minor, access })
+    Ok(Rule {
+        action,
+        dev_type,
+        major,
+        minor,
+        access,
+    })
 }
 
 impl Rule {
@@ -121,7 +133,9 @@ impl Rule {
             DevType::Char => dev_type == TYPE_CHAR,
         };
         // `None` in the query is "a number no rule names": only `*` matches it.
-        type_ok && (self.major.is_none() || self.major == major) && (self.minor.is_none() || self.minor == minor)
+        type_ok
+            && (self.major.is_none() || self.major == major)
+            && (self.minor.is_none() || self.minor == minor)
     }
 }
 
@@ -147,8 +161,16 @@ impl DevicePolicy {
     /// Whether a request for `access` on a device is allowed.
     #[must_use]
     pub fn decide(&self, dev_type: u32, major: u32, minor: u32, access: u8) -> bool {
-        let named_major = self.rules.iter().any(|r| r.major == Some(major)).then_some(major);
-        let named_minor = self.rules.iter().any(|r| r.minor == Some(minor)).then_some(minor);
+        let named_major = self
+            .rules
+            .iter()
+            .any(|r| r.major == Some(major))
+            .then_some(major);
+        let named_minor = self
+            .rules
+            .iter()
+            .any(|r| r.minor == Some(minor))
+            .then_some(minor);
         self.allowed(dev_type, named_major, named_minor) & access == access
     }
 
@@ -159,8 +181,20 @@ impl DevicePolicy {
     /// found is the answer, and it equals [`Self::allowed`] for that device.
     #[must_use]
     pub fn compile(&self) -> Vec<((u32, u32, u32), u8)> {
-        let majors: BTreeSet<Option<u32>> = self.rules.iter().filter_map(|r| r.major).map(Some).chain([None]).collect();
-        let minors: BTreeSet<Option<u32>> = self.rules.iter().filter_map(|r| r.minor).map(Some).chain([None]).collect();
+        let majors: BTreeSet<Option<u32>> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.major)
+            .map(Some)
+            .chain([None])
+            .collect();
+        let minors: BTreeSet<Option<u32>> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.minor)
+            .map(Some)
+            .chain([None])
+            .collect();
         let mut table = Vec::with_capacity(2 * majors.len() * minors.len());
         for dev_type in [TYPE_BLOCK, TYPE_CHAR] {
             for major in &majors {
@@ -181,44 +215,107 @@ mod tests {
     use super::*;
 
     fn policy(default: Action, rules: &[(&str, Action)]) -> DevicePolicy {
-        DevicePolicy { default, rules: rules.iter().map(|(text, action)| parse_rule(text, *action).unwrap()).collect() }
+        DevicePolicy {
+            default,
+            rules: rules
+                .iter()
+                .map(|(text, action)| parse_rule(text, *action).unwrap())
+                .collect(),
+        }
     }
 
     #[test]
     fn rules_parse_as_devices_allow_writes_them() {
         let rule = parse_rule("c 1:3 rw", Action::Allow).unwrap();
-        assert_eq!(rule, Rule { action: Action::Allow, dev_type: DevType::Char, major: Some(1), minor: Some(3), access: ACCESS_READ | ACCESS_WRITE });
+        assert_eq!(
+            rule,
+            Rule {
+                action: Action::Allow,
+                dev_type: DevType::Char,
+                major: Some(1),
+                minor: Some(3),
+                access: ACCESS_READ | ACCESS_WRITE
+            }
+        );
         assert_eq!(rule.to_string(), "c 1:3 rw");
-        assert_eq!(parse_rule("b 8:*", Action::Deny).unwrap().to_string(), "b 8:* rwm");
-        assert_eq!(parse_rule("a", Action::Allow).unwrap().to_string(), "a *:* rwm");
-        assert_eq!(parse_rule("c x:3 r", Action::Allow).unwrap_err(), "major \"x\" is neither a number nor *");
-        assert_eq!(parse_rule("c 1:y r", Action::Allow).unwrap_err(), "minor \"y\" is neither a number nor *");
-        assert_eq!(parse_rule("d 1:3 r", Action::Allow).unwrap_err(), "type \"d\" is none of a, b, c");
-        assert_eq!(parse_rule("c 1:3 rx", Action::Allow).unwrap_err(), "access 'x' is none of r, w, m");
-        assert_eq!(parse_rule("c 13 r", Action::Allow).unwrap_err(), "\"13\" is not MAJOR:MINOR");
-        assert_eq!(parse_rule("a 1:3 r", Action::Allow).unwrap_err(), "type a covers every device: write \"a *:* r\"");
+        assert_eq!(
+            parse_rule("b 8:*", Action::Deny).unwrap().to_string(),
+            "b 8:* rwm"
+        );
+        assert_eq!(
+            parse_rule("a", Action::Allow).unwrap().to_string(),
+            "a *:* rwm"
+        );
+        assert_eq!(
+            parse_rule("c x:3 r", Action::Allow).unwrap_err(),
+            "major \"x\" is neither a number nor *"
+        );
+        assert_eq!(
+            parse_rule("c 1:y r", Action::Allow).unwrap_err(),
+            "minor \"y\" is neither a number nor *"
+        );
+        assert_eq!(
+            parse_rule("d 1:3 r", Action::Allow).unwrap_err(),
+            "type \"d\" is none of a, b, c"
+        );
+        assert_eq!(
+            parse_rule("c 1:3 rx", Action::Allow).unwrap_err(),
+            "access 'x' is none of r, w, m"
+        );
+        assert_eq!(
+            parse_rule("c 13 r", Action::Allow).unwrap_err(),
+            "\"13\" is not MAJOR:MINOR"
+        );
+        assert_eq!(
+            parse_rule("a 1:3 r", Action::Allow).unwrap_err(),
+            "type a covers every device: write \"a *:* r\""
+        );
         assert!(parse_rule("", Action::Allow).is_err());
     }
 
     #[test]
     fn the_first_matching_rule_decides_each_access() {
         // The tests' policy: default deny, /dev/null rw, /dev/urandom r.
-        let p = policy(Action::Deny, &[("c 1:3 rw", Action::Allow), ("c 1:9 r", Action::Allow)]);
+        let p = policy(
+            Action::Deny,
+            &[("c 1:3 rw", Action::Allow), ("c 1:9 r", Action::Allow)],
+        );
         assert!(p.decide(TYPE_CHAR, 1, 3, ACCESS_READ | ACCESS_WRITE));
         assert!(p.decide(TYPE_CHAR, 1, 9, ACCESS_READ));
         assert!(!p.decide(TYPE_CHAR, 1, 9, ACCESS_WRITE));
-        assert!(!p.decide(TYPE_CHAR, 1, 9, ACCESS_READ | ACCESS_WRITE), "every bit must be allowed");
-        assert!(!p.decide(TYPE_CHAR, 1, 5, ACCESS_READ), "/dev/zero is not listed");
+        assert!(
+            !p.decide(TYPE_CHAR, 1, 9, ACCESS_READ | ACCESS_WRITE),
+            "every bit must be allowed"
+        );
+        assert!(
+            !p.decide(TYPE_CHAR, 1, 5, ACCESS_READ),
+            "/dev/zero is not listed"
+        );
         assert!(!p.decide(TYPE_CHAR, 1, 3, ACCESS_MKNOD));
         // Order: an allow before a broader deny wins, and the other way round.
-        let p = policy(Action::Allow, &[("c 1:3 r", Action::Allow), ("c 1:* r", Action::Deny)]);
+        let p = policy(
+            Action::Allow,
+            &[("c 1:3 r", Action::Allow), ("c 1:* r", Action::Deny)],
+        );
         assert!(p.decide(TYPE_CHAR, 1, 3, ACCESS_READ));
         assert!(!p.decide(TYPE_CHAR, 1, 4, ACCESS_READ));
-        assert!(p.decide(TYPE_CHAR, 1, 4, ACCESS_WRITE), "the deny names only r");
-        let p = policy(Action::Allow, &[("c 1:* r", Action::Deny), ("c 1:3 r", Action::Allow)]);
-        assert!(!p.decide(TYPE_CHAR, 1, 3, ACCESS_READ), "the broader deny came first");
+        assert!(
+            p.decide(TYPE_CHAR, 1, 4, ACCESS_WRITE),
+            "the deny names only r"
+        );
+        let p = policy(
+            Action::Allow,
+            &[("c 1:* r", Action::Deny), ("c 1:3 r", Action::Allow)],
+        );
+        assert!(
+            !p.decide(TYPE_CHAR, 1, 3, ACCESS_READ),
+            "the broader deny came first"
+        );
         // Wildcards: c 1:* r and a *:* m.
-        let p = policy(Action::Deny, &[("c 1:* r", Action::Allow), ("a *:* m", Action::Allow)]);
+        let p = policy(
+            Action::Deny,
+            &[("c 1:* r", Action::Allow), ("a *:* m", Action::Allow)],
+        );
         assert!(p.decide(TYPE_CHAR, 1, 77, ACCESS_READ));
         assert!(!p.decide(TYPE_CHAR, 2, 1, ACCESS_READ));
         assert!(p.decide(TYPE_BLOCK, 8, 0, ACCESS_MKNOD));
@@ -257,7 +354,11 @@ mod tests {
                         .into_iter()
                         .filter(|bit| p.decide(dev_type, major, minor, *bit))
                         .fold(0, |all, bit| all | bit);
-                    assert_eq!(kernel(&table, dev_type, major, minor), expected, "{dev_type} {major}:{minor}");
+                    assert_eq!(
+                        kernel(&table, dev_type, major, minor),
+                        expected,
+                        "{dev_type} {major}:{minor}"
+                    );
                 }
             }
         }

@@ -21,8 +21,9 @@
 //! `cgroups` are paths relative to the watched root, with `*` matching within
 //! one path segment, `**` across segments and `?` one character;
 //! `workloads` are `agent run` names. A cgroup gets the first policy (in file
-//! order) that selects it. An invalid file is rejected whole, with every error
-//! and where it is.
+//! order) that selects it, and a cgroup no policy selects gets its nearest
+//! selected ancestor's (a policy covers a subtree, as a v1 devices cgroup
+//! did). An invalid file is rejected whole, with every error and where it is.
 
 pub mod devices;
 
@@ -87,7 +88,10 @@ struct Checker {
 
 impl Checker {
     fn problem(&mut self, place: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { place: place.into(), message: message.into() });
+        self.problems.push(Problem {
+            place: place.into(),
+            message: message.into(),
+        });
     }
 
     fn strings(&mut self, value: Option<&Value>, place: &str) -> Vec<String> {
@@ -99,7 +103,10 @@ impl Checker {
                 .filter_map(|(i, item)| match item {
                     Value::String(text) => Some(text.clone()),
                     other => {
-                        self.problem(format!("{place}[{i}]"), format!("{} is not a string", kind(other)));
+                        self.problem(
+                            format!("{place}[{i}]"),
+                            format!("{} is not a string", kind(other)),
+                        );
                         None
                     }
                 })
@@ -113,11 +120,23 @@ impl Checker {
 
     fn devices(&mut self, value: &Value, place: &str) -> Option<DevicePolicy> {
         let Value::Object(fields) = value else {
-            self.problem(place, format!("{} is not an object with \"default\" and \"rules\"", kind(value)));
+            self.problem(
+                place,
+                format!(
+                    "{} is not an object with \"default\" and \"rules\"",
+                    kind(value)
+                ),
+            );
             return None;
         };
-        for key in fields.keys().filter(|k| !["default", "rules"].contains(&k.as_str())) {
-            self.problem(format!("{place}.{key}"), "unknown field (known: default, rules)");
+        for key in fields
+            .keys()
+            .filter(|k| !["default", "rules"].contains(&k.as_str()))
+        {
+            self.problem(
+                format!("{place}.{key}"),
+                "unknown field (known: default, rules)",
+            );
         }
         let default = match fields.get("default") {
             Some(Value::String(text)) if text == "allow" => Some(Action::Allow),
@@ -127,7 +146,10 @@ impl Checker {
                 None
             }
             Some(other) => {
-                self.problem(format!("{place}.default"), format!("{} is neither \"allow\" nor \"deny\"", shown(other)));
+                self.problem(
+                    format!("{place}.default"),
+                    format!("{} is neither \"allow\" nor \"deny\"", shown(other)),
+                );
                 None
             }
         };
@@ -139,41 +161,68 @@ impl Checker {
                     let rule_place = format!("{place}.rules[{i}]");
                     let parsed = match item {
                         Value::Object(rule) if rule.len() == 1 => {
-                            let (key, text) = rule.iter().next().map(|(k, v)| (k.as_str(), v)).unwrap_or(("", &Value::Null));
+                            let (key, text) = rule
+                                .iter()
+                                .next()
+                                .map(|(k, v)| (k.as_str(), v))
+                                .unwrap_or(("", &Value::Null));
                             let action = match key {
                                 "allow" => Some(Action::Allow),
                                 "deny" => Some(Action::Deny),
                                 other => {
-                                    self.problem(&rule_place, format!("{other:?} is neither \"allow\" nor \"deny\""));
+                                    self.problem(
+                                        &rule_place,
+                                        format!("{other:?} is neither \"allow\" nor \"deny\""),
+                                    );
                                     None
                                 }
                             };
                             match (action, text) {
-                                (Some(action), Value::String(text)) => match devices::parse_rule(text, action) {
-                                    Ok(rule) => Some(rule),
-                                    Err(message) => {
-                                        self.problem(&rule_place, message);
-                                        None
+                                (Some(action), Value::String(text)) => {
+                                    match devices::parse_rule(text, action) {
+                                        Ok(rule) => Some(rule),
+                                        Err(message) => {
+                                            self.problem(&rule_place, message);
+                                            None
+                                        }
                                     }
-                                },
+                                }
                                 (Some(_), other) => {
-                                    self.problem(&rule_place, format!("the rule is {}, not a string such as \"c 1:3 rw\"", kind(other)));
+                                    self.problem(
+                                        &rule_place,
+                                        format!(
+                                            "the rule is {}, not a string such as \"c 1:3 rw\"",
+                                            kind(other)
+                                        ),
+                                    );
                                     None
                                 }
                                 (None, _) => None,
                             }
                         }
                         other => {
-                            self.problem(&rule_place, format!("{} is not {{\"allow\": RULE}} or {{\"deny\": RULE}}", kind(other)));
+                            self.problem(
+                                &rule_place,
+                                format!(
+                                    "{} is not {{\"allow\": RULE}} or {{\"deny\": RULE}}",
+                                    kind(other)
+                                ),
+                            );
                             None
                         }
                     };
                     rules.extend(parsed);
                 }
             }
-            Some(other) => self.problem(format!("{place}.rules"), format!("{} is not a list", kind(other))),
+            Some(other) => self.problem(
+                format!("{place}.rules"),
+                format!("{} is not a list", kind(other)),
+            ),
         }
-        let policy = DevicePolicy { default: default?, rules };
+        let policy = DevicePolicy {
+            default: default?,
+            rules,
+        };
         let entries = policy.compile().len();
         if entries > MAX_COMPILED_ENTRIES {
             self.problem(
@@ -216,19 +265,41 @@ pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
     let value: Value = serde_json::from_str(text).map_err(|err| {
         Invalid(vec![Problem {
             place: format!("line {}, column {}", err.line(), err.column()),
-            message: err.to_string().split(" at line ").next().unwrap_or_default().to_owned(),
+            message: err
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         }])
     })?;
-    let mut checker = Checker { problems: Vec::new() };
+    let mut checker = Checker {
+        problems: Vec::new(),
+    };
     let Value::Object(top) = &value else {
-        return Err(Invalid(vec![Problem { place: "top level".into(), message: format!("{} is not an object", kind(&value)) }]));
+        return Err(Invalid(vec![Problem {
+            place: "top level".into(),
+            message: format!("{} is not an object", kind(&value)),
+        }]));
     };
     match top.get("version") {
         Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
-        Some(other) => checker.problem("version", format!("{} is not a version this agent reads (it reads {VERSION})", shown(other))),
-        None => checker.problem("version", format!("missing: the file must say \"version\": {VERSION}")),
+        Some(other) => checker.problem(
+            "version",
+            format!(
+                "{} is not a version this agent reads (it reads {VERSION})",
+                shown(other)
+            ),
+        ),
+        None => checker.problem(
+            "version",
+            format!("missing: the file must say \"version\": {VERSION}"),
+        ),
     }
-    for key in top.keys().filter(|k| !["version", "policies"].contains(&k.as_str())) {
+    for key in top
+        .keys()
+        .filter(|k| !["version", "policies"].contains(&k.as_str()))
+    {
         checker.problem(key.clone(), "unknown field (known: version, policies)");
     }
     let mut file = PolicyFile::default();
@@ -240,14 +311,23 @@ pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
                     checker.problem(&place, format!("{} is not an object", kind(item)));
                     continue;
                 };
-                for key in fields.keys().filter(|k| !["name", "cgroups", "workloads", "devices"].contains(&k.as_str())) {
-                    checker.problem(format!("{place}.{key}"), "unknown field (known: name, cgroups, workloads, devices)");
+                for key in fields
+                    .keys()
+                    .filter(|k| !["name", "cgroups", "workloads", "devices"].contains(&k.as_str()))
+                {
+                    checker.problem(
+                        format!("{place}.{key}"),
+                        "unknown field (known: name, cgroups, workloads, devices)",
+                    );
                 }
                 let name = match fields.get("name") {
                     None => format!("policies[{i}]"),
                     Some(Value::String(name)) => name.clone(),
                     Some(other) => {
-                        checker.problem(format!("{place}.name"), format!("{} is not a string", kind(other)));
+                        checker.problem(
+                            format!("{place}.name"),
+                            format!("{} is not a string", kind(other)),
+                        );
                         String::new()
                     }
                 };
@@ -257,19 +337,32 @@ pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
                         checker.problem(format!("{place}.cgroups[{j}]"), format!("{pattern:?} does not start with / (paths are relative to the watched root, as in \"/web\")"));
                     }
                 }
-                let workloads = checker.strings(fields.get("workloads"), &format!("{place}.workloads"));
+                let workloads =
+                    checker.strings(fields.get("workloads"), &format!("{place}.workloads"));
                 if cgroups.is_empty() && workloads.is_empty() {
                     checker.problem(&place, "it selects no cgroup: give \"cgroups\" (paths or globs) or \"workloads\" (agent run names)");
                 }
-                let devices = fields.get("devices").and_then(|value| checker.devices(value, &format!("{place}.devices")));
+                let devices = fields
+                    .get("devices")
+                    .and_then(|value| checker.devices(value, &format!("{place}.devices")));
                 if fields.get("devices").is_none() {
-                    checker.problem(&place, "it has no \"devices\" section: a policy must set something");
+                    checker.problem(
+                        &place,
+                        "it has no \"devices\" section: a policy must set something",
+                    );
                 }
-                file.policies.push(Policy { name, select: Selectors { cgroups, workloads }, devices });
+                file.policies.push(Policy {
+                    name,
+                    select: Selectors { cgroups, workloads },
+                    devices,
+                });
             }
         }
         Some(other) => checker.problem("policies", format!("{} is not a list", kind(other))),
-        None => checker.problem("policies", "missing: the file must have a \"policies\" list"),
+        None => checker.problem(
+            "policies",
+            "missing: the file must have a \"policies\" list",
+        ),
     }
     if checker.problems.is_empty() {
         Ok(file)
@@ -287,7 +380,9 @@ pub fn glob_matches(pattern: &str, path: &str) -> bool {
     fn go(p: &[u8], s: &[u8], segment_start: bool) -> bool {
         match p.first() {
             None => s.is_empty(),
-            Some(b'*') if p.get(1) == Some(&b'*') => (0..=s.len()).any(|i| go(&p[2..], &s[i..], false)),
+            Some(b'*') if p.get(1) == Some(&b'*') => {
+                (0..=s.len()).any(|i| go(&p[2..], &s[i..], false))
+            }
             Some(b'*') => {
                 let whole_segment = segment_start && matches!(p.get(1), None | Some(b'/'));
                 (0..=s.len())
@@ -303,19 +398,40 @@ pub fn glob_matches(pattern: &str, path: &str) -> bool {
 }
 
 impl PolicyFile {
-    /// The policy (by index) of each cgroup: the first in file order that
-    /// selects it by path or by workload name.
+    /// The policy (by index) each cgroup selects itself: the first in file
+    /// order whose paths or workload names match it.
+    fn selected(&self, path: &str, name: Option<&str>) -> Option<usize> {
+        self.policies.iter().position(|policy| {
+            policy
+                .select
+                .cgroups
+                .iter()
+                .any(|pattern| glob_matches(pattern, path))
+                || name.is_some_and(|name| policy.select.workloads.iter().any(|w| w == name))
+        })
+    }
+
+    /// The policy (by index) of every cgroup (`(id, path, workload name)`):
+    /// its own selection, else its nearest selected ancestor's.
     #[must_use]
-    pub fn resolve<'a>(&self, cgroups: impl Iterator<Item = (u64, &'a str)>, names: &HashMap<String, String>) -> HashMap<u64, usize> {
+    pub fn resolve(&self, cgroups: &[(u64, &str, Option<&str>)]) -> HashMap<u64, usize> {
+        let by_path: HashMap<&str, usize> = cgroups
+            .iter()
+            .filter_map(|(_, path, name)| Some((*path, self.selected(path, *name)?)))
+            .collect();
         let mut out = HashMap::new();
-        for (id, path) in cgroups {
-            let name = names.get(path);
-            let found = self.policies.iter().position(|policy| {
-                policy.select.cgroups.iter().any(|pattern| glob_matches(pattern, path))
-                    || name.is_some_and(|name| policy.select.workloads.contains(name))
-            });
-            if let Some(index) = found {
-                out.insert(id, index);
+        for (id, path, _) in cgroups {
+            let mut at = *path;
+            loop {
+                if let Some(index) = by_path.get(at) {
+                    out.insert(*id, *index);
+                    break;
+                }
+                match at.rfind('/') {
+                    Some(0) if at.len() > 1 => at = "/",
+                    Some(cut) if cut > 0 => at = &at[..cut],
+                    _ => break,
+                }
             }
         }
         out
@@ -342,7 +458,14 @@ mod tests {
         assert_eq!(file.policies[1].name, "policies[1]");
         let devices = file.policies[0].devices.as_ref().unwrap();
         assert_eq!(devices.default, Action::Deny);
-        assert_eq!(devices.rules.iter().map(ToString::to_string).collect::<Vec<_>>(), ["c 1:3 rw", "c 1:9 r"]);
+        assert_eq!(
+            devices
+                .rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["c 1:3 rw", "c 1:9 r"]
+        );
     }
 
     #[test]
@@ -395,11 +518,22 @@ mod tests {
     }
 
     #[test]
-    fn the_first_policy_that_selects_a_cgroup_wins() {
+    fn the_first_policy_that_selects_a_cgroup_wins_and_covers_its_subtree() {
         let file = parse(GOOD).unwrap();
-        let names = HashMap::from([("/agent/build".to_owned(), "build".to_owned())]);
-        let tree = [(1, "/"), (2, "/web"), (3, "/batch/a"), (4, "/agent/build"), (5, "/other")];
-        let resolved = file.resolve(tree.iter().map(|(id, path)| (*id, *path)), &names);
-        assert_eq!(resolved, HashMap::from([(2, 0), (3, 0), (4, 1)]));
+        let tree = [
+            (1, "/", None),
+            (2, "/web", None),
+            (3, "/batch/a", None),
+            (4, "/agent/build", Some("build")),
+            (5, "/other", None),
+            (6, "/web/child/grandchild", None),
+            (7, "/agent/build/worker", None),
+            (8, "/batch", None),
+        ];
+        let resolved = file.resolve(&tree);
+        assert_eq!(
+            resolved,
+            HashMap::from([(2, 0), (3, 0), (4, 1), (6, 0), (7, 1)])
+        );
     }
 }

@@ -77,6 +77,8 @@ pub struct RunSpec {
     pub userns: bool,
     pub rootfs: Option<PathBuf>,
     pub keep: bool,
+    /// The workload's device policy (`--device`, `--device-default`).
+    pub devices: Option<crate::policy::DevicePolicy>,
     /// The program, resolved to a path (inside `rootfs` when given), then its arguments.
     pub program: PathBuf,
     pub command: Vec<OsString>,
@@ -98,6 +100,8 @@ pub struct RawRun {
     pub userns: bool,
     pub rootfs: Option<PathBuf>,
     pub keep: bool,
+    pub devices: Vec<String>,
+    pub device_default: Option<crate::policy::Action>,
     pub command: Vec<OsString>,
 }
 
@@ -364,6 +368,21 @@ impl RunSpec {
                 )));
             }
         }
+        let devices = if raw.devices.is_empty() && raw.device_default.is_none() {
+            None
+        } else {
+            let mut rules = Vec::new();
+            for text in &raw.devices {
+                rules.push(
+                    crate::policy::devices::parse_rule(text, crate::policy::Action::Allow)
+                        .map_err(|message| bad(format!("--device {text:?}: {message}")))?,
+                );
+            }
+            Some(crate::policy::DevicePolicy {
+                default: raw.device_default.unwrap_or(crate::policy::Action::Deny),
+                rules,
+            })
+        };
         let rootfs = raw
             .rootfs
             .as_deref()
@@ -392,6 +411,7 @@ impl RunSpec {
             userns: raw.userns,
             rootfs,
             keep: raw.keep,
+            devices,
             program,
             command: raw.command,
         })
@@ -517,6 +537,10 @@ mod tests {
         assert_eq!(
             error(raw(&[])),
             "no command given: put it after --, as in `agent run -- sleep 10`"
+        );
+        assert_eq!(
+            with(|r| r.devices = vec!["c x:3 r".into()]),
+            r#"--device "c x:3 r": major "x" is neither a number nor *"#
         );
     }
 
