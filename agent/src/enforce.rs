@@ -20,7 +20,10 @@ use common::{
     maps,
 };
 
-use crate::{loader::DeviceMaps, policy::DevicePolicy};
+use crate::{
+    loader::DeviceMaps,
+    policy::{devices::Table, DevicePolicy},
+};
 
 /// How long the rules of a replaced version stay before they are deleted.
 const GRACE: Duration = Duration::from_secs(2);
@@ -115,7 +118,7 @@ pub struct DeviceEnforcer {
     maps: DeviceMaps,
     next_version: u32,
     /// Compiled tables in force, by content, and their version.
-    versions: HashMap<Vec<((u32, u32, u32), u8)>, (u32, Vec<DevKey>)>,
+    versions: HashMap<Table, (u32, Vec<DevKey>)>,
     /// What this daemon set, by cgroup id.
     assigned: HashMap<u64, u32>,
     /// Replaced versions, deleted after the grace period.
@@ -265,7 +268,7 @@ impl DeviceEnforcer {
         Ok(changes)
     }
 
-    fn undo_fresh(&mut self, fresh: Vec<Vec<((u32, u32, u32), u8)>>) {
+    fn undo_fresh(&mut self, fresh: Vec<Table>) {
         for table in fresh {
             if let Some((_, keys)) = self.versions.remove(&table) {
                 for key in keys {

@@ -352,8 +352,12 @@ impl Default for VethPair {
 /// directory; stopped with SIGTERM on drop, and its pins removed if it left any.
 pub struct Daemon {
     pub pin_dir: PathBuf,
+    /// Holds its events socket (`events.sock`) and audit log (`audit.jsonl`).
+    pub run_dir: PathBuf,
     child: Option<Child>,
     stderr: Option<thread::JoinHandle<String>>,
+    /// Everything it logged so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Daemon {
@@ -366,12 +370,18 @@ impl Daemon {
     }
 
     pub fn start_with_pins(cgroup_root: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        let run_dir = std::env::temp_dir().join(unique("agent-test-daemon"));
+        fs::create_dir_all(&run_dir).expect("create the daemon's run dir");
         let mut child = Command::new(agent_bin())
             .arg("daemon")
             .arg("--cgroup-root")
             .arg(cgroup_root)
             .arg("--pin-dir")
             .arg(pin_dir)
+            .arg("--events-socket")
+            .arg(run_dir.join("events.sock"))
+            .arg("--audit-log")
+            .arg(run_dir.join("audit.jsonl"))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -380,27 +390,62 @@ impl Daemon {
             .expect("start agent daemon");
         let stderr = child.stderr.take().expect("stderr");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let shared = log.clone();
         let stderr = thread::spawn(move || {
-            let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("counting network and scheduler activity") {
                     let _ = ready_tx.send(());
                 }
-                all.push_str(&line);
-                all.push('\n');
+                if let Ok(mut all) = shared.lock() {
+                    all.push_str(&line);
+                    all.push('\n');
+                }
             }
-            all
+            shared.lock().map(|all| all.clone()).unwrap_or_default()
         });
         let mut daemon = Self {
             pin_dir: pin_dir.into(),
+            run_dir,
             child: Some(child),
             stderr: Some(stderr),
+            log,
         };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             let log = daemon.stop();
             panic!("agent daemon did not start:\n{log}");
         }
         daemon
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends it SIGHUP (reload the policy file).
+    pub fn hangup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP the daemon");
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|all| all.clone()).unwrap_or_default()
+    }
+
+    /// Its events socket.
+    pub fn events_socket(&self) -> PathBuf {
+        self.run_dir.join("events.sock")
+    }
+
+    /// Its audit log's lines, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.run_dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("audit lines are JSON"))
+            .collect()
     }
 
     /// `agent stats --json` against this daemon.
@@ -462,6 +507,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
         remove_pins(&self.pin_dir);
+        let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
 

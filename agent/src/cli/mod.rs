@@ -37,7 +37,6 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     Daemon(daemon::DaemonArgs),
     Stats(stats::StatsArgs),

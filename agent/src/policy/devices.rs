@@ -41,6 +41,9 @@ pub struct Rule {
     pub access: u8,
 }
 
+/// A compiled rule table: `(type, major, minor) → allowed access bits`.
+pub type Table = Vec<((u32, u32, u32), u8)>;
+
 /// A device policy: a default and ordered rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicePolicy {
@@ -180,7 +183,7 @@ impl DevicePolicy {
     /// numbers, then `major:*`, then `*:minor`, then `*:*`; the first entry
     /// found is the answer, and it equals [`Self::allowed`] for that device.
     #[must_use]
-    pub fn compile(&self) -> Vec<((u32, u32, u32), u8)> {
+    pub fn compile(&self) -> Table {
         let majors: BTreeSet<Option<u32>> = self
             .rules
             .iter()

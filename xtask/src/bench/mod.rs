@@ -15,6 +15,9 @@ pub enum Which {
     /// the scheduler accounting; ns per run; the daemon's CPU at 10 to 1,000
     /// cgroups against polling cgroup files.
     Sched(Common),
+    /// ns per open/close of /dev/null with no program, an empty program, and
+    /// 10- and 100-rule device policies.
+    Dev(Common),
 }
 
 #[derive(Args, Clone)]
@@ -31,6 +34,7 @@ pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
     let (name, common) = match &which {
         Which::Net(common) => ("net", common),
         Which::Sched(common) => ("sched", common),
+        Which::Dev(common) => ("dev", common),
     };
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])

@@ -2,6 +2,7 @@
 //! Each benchmark measures side by side in one run, interleaving modes run by
 //! run, and prints a table of medians and ratios.
 
+mod dev;
 mod measure;
 mod net;
 mod sched;
@@ -65,6 +66,9 @@ fn run(args: &[String]) -> Result<(), String> {
     match which.as_str() {
         "net" => net::run(&options),
         "sched" => sched::run(&options),
-        other => Err(format!("unknown benchmark {other:?} (known: net, sched)")),
+        "dev" => dev::run(&options),
+        other => Err(format!(
+            "unknown benchmark {other:?} (known: net, sched, dev)"
+        )),
     }
 }

@@ -1,0 +1,190 @@
+//! `agent-bench dev`: what the device policy costs per open.
+//!
+//! ns per open/close of /dev/null by a process in a cgroup with no device
+//! program, with an empty cgroup_device program, and with the agent's device
+//! program enforcing a 10-rule and a 100-rule policy (the rule for /dev/null
+//! last), interleaved run by run. The policy is installed the way `agent run
+//! --device` does it: the program on the cgroup, the rules in its maps.
+
+use std::{fmt::Write as _, fs};
+
+use agent::{
+    loader,
+    policy::{devices::parse_rule, Action, DevicePolicy},
+};
+use agent_tests::Cgroup;
+use aya::programs::CgroupDevice;
+
+use crate::{
+    measure::{self, paired_ratio, spread},
+    Options,
+};
+
+#[derive(Clone, Copy)]
+enum Mode {
+    None,
+    Empty,
+    Rules(usize),
+}
+
+impl Mode {
+    const ALL: [Self; 4] = [Self::None, Self::Empty, Self::Rules(10), Self::Rules(100)];
+
+    fn label(self) -> String {
+        match self {
+            Self::None => "no program".into(),
+            Self::Empty => "empty program".into(),
+            Self::Rules(n) => format!("{n}-rule policy"),
+        }
+    }
+}
+
+/// A policy of `n` rules: `n - 1` about other devices, then /dev/null.
+fn policy(n: usize) -> DevicePolicy {
+    let mut rules: Vec<_> = (0..n - 1)
+        .map(|i| {
+            parse_rule(
+                &format!("c {}:{} rw", 10 + i % 50, i),
+                if i % 3 == 0 {
+                    Action::Deny
+                } else {
+                    Action::Allow
+                },
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    rules.push(
+        parse_rule("c 1:3 rw", Action::Allow).unwrap_or_else(|_| unreachable!("a valid rule")),
+    );
+    DevicePolicy {
+        default: Action::Deny,
+        rules,
+    }
+}
+
+/// What a mode attached; dropping it detaches (held, never read).
+#[expect(clippy::large_enum_variant, reason = "one at a time")]
+enum Attached {
+    None,
+    Empty {
+        _ebpf: aya::Ebpf,
+    },
+    Rules {
+        _guard: loader::DeviceGuard,
+        _maps: loader::DeviceMaps,
+    },
+}
+
+fn attach(mode: Mode, cgroup: &Cgroup) -> Result<Attached, String> {
+    match mode {
+        Mode::None => Ok(Attached::None),
+        Mode::Empty => {
+            let mut ebpf = aya::EbpfLoader::new()
+                .allow_unsupported_maps()
+                .load(loader::EBPF_OBJECT)
+                .map_err(|e| e.to_string())?;
+            let program: &mut CgroupDevice = ebpf
+                .program_mut(common::programs::DEV_EMPTY)
+                .ok_or("dev_empty is missing")?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            program.load().map_err(|e| e.to_string())?;
+            let dir = fs::File::open(&cgroup.path).map_err(|e| e.to_string())?;
+            program
+                .attach(dir, aya::programs::CgroupAttachMode::Single)
+                .map_err(|e| e.to_string())?;
+            Ok(Attached::Empty { _ebpf: ebpf })
+        }
+        Mode::Rules(n) => {
+            let (guard, mut maps) =
+                loader::guard_devices(&cgroup.path, None).map_err(|e| e.to_string())?;
+            agent::enforce::set_for_run(
+                &mut maps,
+                cgroup.id(),
+                agent::enforce::RUN_VERSIONS | 1,
+                &policy(n),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(Attached::Rules {
+                _guard: guard,
+                _maps: maps,
+            })
+        }
+    }
+}
+
+fn opens(cgroup: &Cgroup, count: u32) -> Result<f64, String> {
+    let helper = agent_tests::agent_bin().with_file_name("devpeer");
+    let mut command = cgroup.command(helper, None);
+    command.args(["bench", &count.to_string(), "/dev/null"]);
+    let out = agent_tests::on_cpu(&mut command, 1)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "devpeer bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("devpeer output: {e}"))
+}
+
+pub fn run(options: &Options) -> Result<(), String> {
+    agent_tests::require_root();
+    let root = Cgroup::new_root("agent-bench-dev");
+    let load = root.child("load");
+    let count = 200_000 * options.seconds.max(1);
+    eprintln!("warm-up: one run in each mode");
+    for mode in Mode::ALL {
+        let _attached = attach(mode, &load)?;
+        opens(&load, count / 4)?;
+    }
+    let mut ns = vec![Vec::new(); Mode::ALL.len()];
+    for repeat in 1..=options.repeats {
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            let _attached = attach(mode, &load)?;
+            ns[i].push(opens(&load, count)?);
+            eprintln!(
+                "repeat {repeat}/{}: {}: {:.1} ns per open/close",
+                options.repeats,
+                mode.label(),
+                ns[i][ns[i].len() - 1]
+            );
+        }
+    }
+    let mut table = measure::preamble("dev");
+    let _ = writeln!(
+        table,
+        "A process pinned to CPU 1, in a cgroup of its own, opens and closes /dev/null (read-write) {count} \
+         times per run; modes interleaved run by run, {} repeats after a warm-up. Policies: default deny, \
+         the rule allowing /dev/null last. Cells: median (min to max); \"added\" is the median of the \
+         differences to no program within each repeat.",
+        options.repeats
+    );
+    let _ = writeln!(table);
+    let _ = writeln!(
+        table,
+        "| mode | ns per open/close | added ns per open | ratio to no program |"
+    );
+    let _ = writeln!(table, "|---|---:|---:|---:|");
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        let added: Vec<f64> = ns[i]
+            .iter()
+            .zip(&ns[0])
+            .map(|(with, without)| with - without)
+            .collect();
+        let _ = writeln!(
+            table,
+            "| {} | {} | {:.1} | {:.3} |",
+            mode.label(),
+            spread(&ns[i], 1),
+            measure::median(&added),
+            paired_ratio(&ns[i], &ns[0])
+        );
+    }
+    measure::publish(&table, options.out.as_deref())
+}

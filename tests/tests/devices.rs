@@ -1,0 +1,451 @@
+//! Device policy against the kernel: verdicts (the errno the kernel returns),
+//! wildcards, atomic switches without a growing stack of programs, exact
+//! counters, rate-limited events, and invalid files that change nothing.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use agent_tests::{agent_bin, attachments, require_root, unique, Cgroup, Daemon, Runs};
+
+/// The device helper binary, next to the agent.
+fn devpeer() -> PathBuf {
+    agent_bin().with_file_name("devpeer")
+}
+
+/// A policy file in a temp dir, removed on drop.
+struct PolicyFile(PathBuf);
+
+impl PolicyFile {
+    fn new(text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.json", unique("agent-test-policy")));
+        let file = Self(path);
+        file.write(text);
+        file
+    }
+
+    /// Replaces the file atomically (as editors and config managers do).
+    fn write(&self, text: &str) {
+        let tmp = self.0.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &self.0).unwrap();
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn policy(path: &str, default: &str, rules: &[(&str, &str)]) -> String {
+    let rules: Vec<String> = rules
+        .iter()
+        .map(|(action, rule)| format!("{{\"{action}\": \"{rule}\"}}"))
+        .collect();
+    format!(
+        r#"{{"version": 1, "policies": [{{"name": "test", "cgroups": ["{path}"], "devices": {{"default": "{default}", "rules": [{}]}}}}]}}"#,
+        rules.join(", ")
+    )
+}
+
+/// Runs devpeer inside `cgroup` and returns its output lines.
+fn devpeer_in(cgroup: &Cgroup, args: &[&str]) -> Vec<String> {
+    let out = cgroup
+        .command(devpeer(), None)
+        .args(args)
+        .output()
+        .expect("run devpeer");
+    assert!(
+        out.status.success(),
+        "devpeer {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A daemon enforcing `file` at the test root `root`.
+fn enforcing(root: &Cgroup, file: &PolicyFile, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--policy", file.0.to_str().unwrap(), "--interval", "200ms"];
+    args.extend_from_slice(extra);
+    Daemon::start(&root.path, &args)
+}
+
+#[test]
+fn the_kernel_returns_eperm_for_what_the_policy_denies() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-dev");
+    let box_ = root.child("box");
+    let file = PolicyFile::new(&policy(
+        "/box",
+        "deny",
+        &[("allow", "c 1:3 rw"), ("allow", "c 1:9 r")],
+    ));
+    let _daemon = enforcing(&root, &file, &[]);
+    let node = std::env::temp_dir().join(unique("agent-test-node"));
+    let mknod = format!("mknod:{}:c:1:3", node.display());
+    let verdicts = devpeer_in(
+        &box_,
+        &[
+            "try",
+            "rw:/dev/null",
+            "r:/dev/urandom",
+            "w:/dev/urandom",
+            "r:/dev/zero",
+            &mknod,
+        ],
+    );
+    assert_eq!(verdicts, ["ok", "ok", "EPERM", "EPERM", "EPERM"]);
+    // Outside the policed cgroup, the same accesses are allowed.
+    let free = root.child("free");
+    let verdicts = devpeer_in(&free, &["try", "w:/dev/urandom", "r:/dev/zero", &mknod]);
+    assert_eq!(verdicts, ["ok", "ok", "ok"]);
+}
+
+#[test]
+fn wildcard_rules_behave_as_written() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-devwild");
+    let box_ = root.child("box");
+    let file = PolicyFile::new(&policy(
+        "/box",
+        "deny",
+        &[("allow", "c 1:* r"), ("allow", "a *:* m")],
+    ));
+    let _daemon = enforcing(&root, &file, &[]);
+    let node = std::env::temp_dir().join(unique("agent-test-node"));
+    let verdicts = devpeer_in(
+        &box_,
+        &[
+            "try",
+            "r:/dev/null",
+            "r:/dev/zero",
+            "w:/dev/null",
+            "r:/dev/tty",
+            &format!("mknod:{}:c:1:3", node.display()),
+            &format!("mknod:{}:b:7:0", node.display()),
+        ],
+    );
+    // c 1:* r: any memory device (major 1) for reading, not for writing, and
+    // not /dev/tty (5:0); a *:* m: mknod of any device.
+    assert_eq!(verdicts, ["ok", "ok", "EPERM", "EPERM", "ok", "ok"]);
+}
+
+/// The version of the policy in force for cgroup `id`, read from the pinned map.
+fn version_in_force(pin_dir: &Path, id: u64) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(pin_dir.join("maps/DEV_POLICY")).ok()?;
+    let map: aya::maps::HashMap<_, u64, common::devices::DevPolicyRef> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).ok()?;
+    map.get(&id, 0).ok().map(|p| p.version)
+}
+
+#[test]
+fn a_thousand_policy_switches_give_no_wrong_verdict_and_no_extra_program() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-devswitch");
+    let box_ = root.child("box");
+    // Both versions allow /dev/null and deny /dev/zero; they differ elsewhere.
+    let a = policy(
+        "/box",
+        "deny",
+        &[("allow", "c 1:3 rw"), ("allow", "c 1:9 r")],
+    );
+    let b = policy(
+        "/box",
+        "deny",
+        &[
+            ("allow", "c 1:3 rw"),
+            ("deny", "c 1:9 r"),
+            ("allow", "c 5:* rw"),
+        ],
+    );
+    let file = PolicyFile::new(&a);
+    let daemon = enforcing(&root, &file, &[]);
+    let programs_at_start = attachments(&root.path);
+    assert_eq!(programs_at_start, 3, "net ingress, net egress, devices");
+
+    let mut worker = box_
+        .command(devpeer(), None)
+        .args(["loop", "stdin", "/dev/null", "/dev/zero"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the device loop");
+    let mut version = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
+    for switch in 0..1000 {
+        file.write(if switch % 2 == 0 { &b } else { &a });
+        daemon.hangup();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
+            if now != version {
+                version = now;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switch {switch} did not take effect:\n{}",
+                daemon.log()
+            );
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+    assert_eq!(
+        attachments(&root.path),
+        programs_at_start,
+        "one attachment per hook after 1,000 switches"
+    );
+    // Closing its input ends the loop that ran through all the switches.
+    drop(worker.stdin.take());
+    let out = worker.wait_with_output().expect("the device loop ends");
+    let report = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let words: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(
+        (words[0], words[2], words[3]),
+        ("opens", "wrong", "0"),
+        "{report}"
+    );
+    assert!(
+        words[1].parse::<u64>().unwrap() > 1000,
+        "it kept opening throughout: {report}"
+    );
+}
+
+#[test]
+fn no_verdict_is_wrong_while_the_policy_switches() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-devrace");
+    let box_ = root.child("box");
+    let a = policy(
+        "/box",
+        "deny",
+        &[("allow", "c 1:3 rw"), ("allow", "c 1:9 r")],
+    );
+    let b = policy(
+        "/box",
+        "deny",
+        &[
+            ("allow", "c 1:3 rw"),
+            ("deny", "c 1:9 r"),
+            ("allow", "c 5:* rw"),
+        ],
+    );
+    let file = PolicyFile::new(&a);
+    let daemon = enforcing(&root, &file, &[]);
+    let worker = box_
+        .command(devpeer(), None)
+        .args(["loop", "4", "/dev/null", "/dev/zero"])
+        .output();
+    let switcher = thread::spawn({
+        let (path, pid) = (file.0.clone(), daemon.pid());
+        move || {
+            let deadline = Instant::now() + Duration::from_millis(3500);
+            let mut switches = 0;
+            while Instant::now() < deadline {
+                let text = if switches % 2 == 0 { &b } else { &a };
+                fs::write(path.with_extension("tmp"), text).unwrap();
+                fs::rename(path.with_extension("tmp"), &path).unwrap();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+                switches += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            switches
+        }
+    });
+    let out = worker.expect("run the device loop");
+    let switches = switcher.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let words: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(
+        (words[0], words[2], words[3]),
+        ("opens", "wrong", "0"),
+        "{report} during {switches} switches"
+    );
+    assert!(words[1].parse::<u64>().unwrap() > 1000, "{report}");
+    assert!(
+        daemon.log().matches("reloaded (SIGHUP)").count() > 100,
+        "the policy did switch"
+    );
+}
+
+#[test]
+fn denials_are_counted_exactly_and_events_up_to_the_rate_limit() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-devcount");
+    let box_ = root.child("box");
+    let file = PolicyFile::new(&policy("/box", "deny", &[("allow", "c 1:3 rw")]));
+    let daemon = enforcing(&root, &file, &["--event-rate", "20"]);
+    let denied = devpeer_in(&box_, &["deny", "500", "/dev/zero"]);
+    assert_eq!(denied, ["500"]);
+    devpeer_in(&box_, &["try", "rw:/dev/null", "rw:/dev/null"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = daemon.stats();
+        let devices = stats["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["path"] == "/box")
+            .unwrap()["devices"]
+            .clone();
+        let events = daemon
+            .audit()
+            .iter()
+            .filter(|e| e["cgroup"] == "/box")
+            .count() as u64;
+        let suppressed = devices["suppressed_events"].as_u64().unwrap();
+        assert_eq!(devices["denied"], 500, "every denial counted: {devices}");
+        assert_eq!(devices["allowed"], 2);
+        if events + suppressed == 500 {
+            // The burst is 20 per CPU, refilled at 20 per second.
+            assert!(
+                (20..=100).contains(&events),
+                "{events} events got through the rate limit"
+            );
+            let event = daemon
+                .audit()
+                .into_iter()
+                .find(|e| e["cgroup"] == "/box")
+                .unwrap();
+            assert_eq!(event["kind"], "device_denied");
+            assert_eq!(event["comm"], "devpeer");
+            assert_eq!(
+                event["device"],
+                serde_json::json!({"type": "c", "major": 1, "minor": 5, "access": "r"})
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{events} events and {suppressed} suppressed for 500 denials"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // `agent events --since` replays them from the daemon's buffer.
+    let out = Command::new(agent_bin())
+        .args(["events", "--since", "1h", "--no-follow", "--events-socket"])
+        .arg(daemon.events_socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(
+        lines,
+        daemon.audit().len(),
+        "the same events as the audit log"
+    );
+}
+
+#[test]
+fn an_invalid_policy_file_changes_nothing_in_force() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-devbad");
+    let box_ = root.child("box");
+    let file = PolicyFile::new(&policy("/box", "deny", &[("allow", "c 1:3 rw")]));
+    let daemon = enforcing(&root, &file, &[]);
+    assert_eq!(
+        devpeer_in(&box_, &["try", "rw:/dev/null", "r:/dev/zero"]),
+        ["ok", "EPERM"]
+    );
+    let broken = policy("/box", "allow", &[("allow", "c x:3 rw")]);
+    file.write(&broken);
+    daemon.hangup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon.log().contains("the policy in force stays in force") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not report the invalid file:\n{}",
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        daemon
+            .log()
+            .contains("policies[0].devices.rules[0]: major \"x\" is neither a number nor *"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        devpeer_in(&box_, &["try", "rw:/dev/null", "r:/dev/zero"]),
+        ["ok", "EPERM"],
+        "the old policy still holds"
+    );
+
+    let out = Command::new(agent_bin())
+        .args(["policy", "check", &file.arg()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "{}: policies[0].devices.rules[0]: major \"x\" is neither a number nor *",
+            file.arg()
+        )
+    );
+    let out = Command::new(agent_bin())
+        .args(["policy", "check", &file.arg()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 problem(s); nothing was applied"));
+
+    // A syntax error names its line and column.
+    file.write("{\n  \"version\": 1,\n  \"policies\": [\n    {\"cgroups\": [\"/box\"] \"devices\": {}}\n  ]\n}\n");
+    let out = Command::new(agent_bin())
+        .args(["policy", "check", &file.arg()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: line 4, column 26: expected `,` or `}}`", file.arg())
+    );
+}
+
+#[test]
+fn agent_run_device_rules_hold_for_the_workload() {
+    let runs = Runs::new();
+    let node = std::env::temp_dir().join(unique("agent-test-node"));
+    let out = runs.output(
+        &["--device", "c 1:3 rw", "--device", "c 1:9 r"],
+        &[
+            devpeer().to_str().unwrap(),
+            "try",
+            "rw:/dev/null",
+            "r:/dev/urandom",
+            "w:/dev/urandom",
+            "r:/dev/zero",
+            &format!("mknod:{}:c:1:3", node.display()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["ok", "ok", "EPERM", "EPERM", "EPERM"]
+    );
+}
