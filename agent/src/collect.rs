@@ -8,8 +8,16 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{MapData, MapError, PerCpuHashMap};
-use common::{devices::DevCounters, maps, NetCounters, SchedCounters, SLOT_RECLAIMING};
+use aya::{
+    maps::{MapData, MapError, PerCpuHashMap},
+    Pod,
+};
+use common::{
+    devices::DevCounters,
+    maps,
+    netpolicy::{HitKey, Hits, NetDrops},
+    NetCounters, SchedCounters, SLOT_RECLAIMING,
+};
 
 use crate::{
     cgroup::CgroupTree,
@@ -42,6 +50,53 @@ pub struct CgroupSample {
     pub sched: SchedCounters,
     pub resources: Resources,
     pub devices: DevCounters,
+    /// Packets the network policy dropped or marked.
+    pub net_drops: NetDrops,
+    /// Packets each network rule decided, by direction and rule.
+    pub rule_hits: Vec<RuleHits>,
+}
+
+/// What one network rule (or default) of a cgroup's policy decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleHits {
+    /// `DIR_EGRESS` or `DIR_INGRESS`.
+    pub direction: u8,
+    /// Index in its direction's rules; `RULE_DEFAULT` for the default.
+    pub rule: u16,
+    pub hits: Hits,
+}
+
+/// Sums a per-CPU hash whose keys belong to cgroups (`cgroup_of`): the
+/// totals of live cgroups, and the keys of cgroups that are gone.
+fn sum_per_cpu<K, V>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    name: &'static str,
+    cgroup_of: impl Fn(&K) -> u64,
+    tree: &CgroupTree,
+    plus: impl Fn(V, V) -> V,
+) -> Result<(HashMap<K, V>, Vec<K>), Error>
+where
+    K: Pod + Eq + std::hash::Hash,
+    V: Pod + Default,
+{
+    let mut totals = HashMap::new();
+    let mut dead = Vec::new();
+    for entry in map.iter() {
+        let (key, per_cpu) = match entry {
+            Ok(entry) => entry,
+            Err(MapError::KeyNotFound) => continue,
+            Err(source) => return Err(Error::Map { name, source }),
+        };
+        if tree.contains(cgroup_of(&key)) {
+            let sum = per_cpu
+                .iter()
+                .fold(V::default(), |sum, cpu| plus(sum, *cpu));
+            totals.insert(key, sum);
+        } else {
+            dead.push(key);
+        }
+    }
+    Ok((totals, dead))
 }
 
 /// Cumulative counters of every cgroup under the root at one moment.
@@ -303,29 +358,34 @@ impl Collector {
             SchedCounters::ZERO,
             SchedCounters::plus,
         )?;
-        let mut devices: HashMap<u64, DevCounters> = HashMap::new();
-        let mut dead_devices = Vec::new();
-        for entry in self.maps.dev_counts.iter() {
-            let (id, per_cpu) = match entry {
-                Ok(entry) => entry,
-                Err(MapError::KeyNotFound) => continue,
-                Err(source) => {
-                    return Err(Error::Map {
-                        name: maps::DEV_COUNTS,
-                        source,
-                    })
-                }
-            };
-            if self.tree.contains(id) {
-                devices.insert(
-                    id,
-                    per_cpu
-                        .iter()
-                        .fold(DevCounters::default(), |sum, cpu| sum.plus(*cpu)),
-                );
-            } else {
-                dead_devices.push(id);
-            }
+        let (devices, dead_devices) = sum_per_cpu(
+            &self.maps.dev_counts,
+            maps::DEV_COUNTS,
+            |id| *id,
+            &self.tree,
+            DevCounters::plus,
+        )?;
+        let (net_drops, dead_drops) = sum_per_cpu(
+            &self.maps.net_drops,
+            maps::NET_DROPS,
+            |id| *id,
+            &self.tree,
+            NetDrops::plus,
+        )?;
+        let (hits, dead_hits) = sum_per_cpu(
+            &self.maps.net_hits,
+            maps::NET_HITS,
+            |key: &HitKey| key.cgroup_id,
+            &self.tree,
+            Hits::plus,
+        )?;
+        let mut rule_hits: HashMap<u64, Vec<RuleHits>> = HashMap::new();
+        for (key, hits) in hits {
+            rule_hits.entry(key.cgroup_id).or_default().push(RuleHits {
+                direction: key.direction,
+                rule: key.rule,
+                hits,
+            });
         }
         let uncounted = self
             .maps
@@ -353,12 +413,20 @@ impl Collector {
                 && sched.dead_slots.is_empty()
                 && net.dead_overflow.is_empty()
                 && sched.dead_overflow.is_empty()
-                && dead_devices.is_empty())
+                && dead_devices.is_empty()
+                && dead_drops.is_empty()
+                && dead_hits.is_empty())
             && self.generation()? == generation
         {
             self.forget(&net, &sched)?;
             for id in &dead_devices {
                 let _ = self.maps.dev_counts.remove(id);
+            }
+            for id in &dead_drops {
+                let _ = self.maps.net_drops.remove(id);
+            }
+            for key in &dead_hits {
+                let _ = self.maps.net_hits.remove(key);
             }
         }
         self.warn_uncounted(&uncounted, at);
@@ -382,6 +450,12 @@ impl Collector {
                     .unwrap_or(SchedCounters::ZERO),
                 resources,
                 devices: devices.get(&id).copied().unwrap_or_default(),
+                net_drops: net_drops.get(&id).copied().unwrap_or_default(),
+                rule_hits: {
+                    let mut hits = rule_hits.remove(&id).unwrap_or_default();
+                    hits.sort_by_key(|h| (h.direction, h.rule));
+                    hits
+                },
             });
         }
         if let Some(files) = self.files.as_mut() {

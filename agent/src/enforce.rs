@@ -1,28 +1,43 @@
-//! The enforcer: puts compiled device policies into the maps the kernel
-//! program reads, atomically, and keeps them in step with the cgroup tree.
+//! The enforcer: puts compiled policies (device and network) into the maps
+//! the kernel programs read, atomically, and keeps them in step with the
+//! cgroup tree.
 //!
 //! A policy's rules are written under a fresh *version* (keys are never
-//! changed in place); then each cgroup's `DEV_POLICY` entry, one value, is
-//! switched to that version. Every access therefore meets the whole old
-//! policy or the whole new one. Rules of versions no longer in use are
-//! deleted after a grace period, long after any program that read the old
-//! version has finished. Entries that `agent run` set (owner "run") are never
+//! changed in place); then each cgroup's reference, one map value holding the
+//! version (and, for networks, the defaults, class id, mark and rates), is
+//! switched. Every packet or access therefore meets the whole old policy or
+//! the whole new one. Rules of versions no longer in use are deleted after a
+//! grace period, long after any program that read the old version has
+//! finished. References that `agent run` set (owner "run") are never
 //! touched, except to clean up after cgroups that are gone.
+//!
+//! The two kinds of policy share this machinery through [`Domain`], which
+//! says how a policy compiles and which maps it lives in.
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::Hash,
     time::{Duration, Instant},
 };
 
-use aya::maps::MapError;
+use aya::maps::{lpm_trie::Key, MapError};
 use common::{
     devices::{DevKey, DevPolicyRef, OWNER_DAEMON, OWNER_RUN},
     maps,
+    netpolicy::{
+        NetPolicyRef, NetRuleEntry, NetRuleKey, NetRuleSet, DIR_EGRESS, DIR_INGRESS, FAMILY_V4,
+        FAMILY_V6, FLAG_CLASSID, FLAG_EGRESS_DENY, FLAG_EGRESS_RULES, FLAG_INGRESS_DENY,
+        FLAG_INGRESS_RULES, FLAG_MARK, KEY_HEADER_BITS, RULES_PER_PREFIX,
+    },
 };
 
 use crate::{
-    loader::DeviceMaps,
-    policy::{devices::Table, DevicePolicy},
+    loader::{DeviceMaps, NetworkMaps},
+    policy::{
+        devices::Table as DeviceTable,
+        network::{self, Cidr},
+        Action, DevicePolicy, NetworkPolicy,
+    },
 };
 
 /// How long the rules of a replaced version stay before they are deleted.
@@ -40,11 +55,268 @@ pub enum Error {
     },
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
-    move |source| Error::Map { name, source }
+/// A kind of policy: how it compiles, and the maps it is written to.
+pub trait Domain {
+    type Policy: 'static;
+    /// What a version holds: equal tables share one version.
+    type Table: Clone + Eq + Hash;
+    type Key: Copy;
+    type Value: Copy;
+    /// A cgroup's reference to its version (and per-cgroup settings).
+    type Ref: Copy + PartialEq;
+    const RULES: &'static str;
+    const REFS: &'static str;
+
+    fn table(policy: &Self::Policy) -> Self::Table;
+    fn entries(table: &Self::Table, version: u32) -> Vec<(Self::Key, Self::Value)>;
+    fn reference(policy: &Self::Policy, version: u32, owner: u32) -> Self::Ref;
+    fn ref_version(reference: &Self::Ref) -> u32;
+    fn ref_owner(reference: &Self::Ref) -> u32;
+    fn key_version(key: &Self::Key) -> u32;
+
+    fn insert_rule(&mut self, key: &Self::Key, value: &Self::Value) -> Result<(), MapError>;
+    fn remove_rule(&mut self, key: &Self::Key);
+    fn rule_keys(&self) -> Result<Vec<Self::Key>, MapError>;
+    fn get_ref(&self, id: u64) -> Option<Self::Ref>;
+    fn set_ref(&mut self, id: u64, reference: &Self::Ref) -> Result<(), MapError>;
+    fn remove_ref(&mut self, id: u64);
+    fn refs(&self) -> Result<Vec<(u64, Self::Ref)>, MapError>;
 }
 
-/// What the enforcer did in one [`DeviceEnforcer::apply`].
+impl Domain for DeviceMaps {
+    type Policy = DevicePolicy;
+    type Table = DeviceTable;
+    type Key = DevKey;
+    type Value = u32;
+    type Ref = DevPolicyRef;
+    const RULES: &'static str = maps::DEV_RULES;
+    const REFS: &'static str = maps::DEV_POLICY;
+
+    fn table(policy: &DevicePolicy) -> DeviceTable {
+        policy.compile()
+    }
+
+    fn entries(table: &DeviceTable, version: u32) -> Vec<(DevKey, u32)> {
+        table
+            .iter()
+            .map(|&((dev_type, major, minor), allowed)| {
+                (
+                    DevKey {
+                        version,
+                        dev_type,
+                        major,
+                        minor,
+                    },
+                    u32::from(allowed),
+                )
+            })
+            .collect()
+    }
+
+    fn reference(_policy: &DevicePolicy, version: u32, owner: u32) -> DevPolicyRef {
+        DevPolicyRef { version, owner }
+    }
+
+    fn ref_version(reference: &DevPolicyRef) -> u32 {
+        reference.version
+    }
+
+    fn ref_owner(reference: &DevPolicyRef) -> u32 {
+        reference.owner
+    }
+
+    fn key_version(key: &DevKey) -> u32 {
+        key.version
+    }
+
+    fn insert_rule(&mut self, key: &DevKey, value: &u32) -> Result<(), MapError> {
+        self.rules.insert(key, value, 0)
+    }
+
+    fn remove_rule(&mut self, key: &DevKey) {
+        let _ = self.rules.remove(key);
+    }
+
+    fn rule_keys(&self) -> Result<Vec<DevKey>, MapError> {
+        settled(self.rules.keys())
+    }
+
+    fn get_ref(&self, id: u64) -> Option<DevPolicyRef> {
+        self.policy.get(&id, 0).ok()
+    }
+
+    fn set_ref(&mut self, id: u64, reference: &DevPolicyRef) -> Result<(), MapError> {
+        self.policy.insert(id, reference, 0)
+    }
+
+    fn remove_ref(&mut self, id: u64) {
+        let _ = self.policy.remove(&id);
+    }
+
+    fn refs(&self) -> Result<Vec<(u64, DevPolicyRef)>, MapError> {
+        settled(self.policy.iter())
+    }
+}
+
+/// A network policy's compiled rules, per direction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NetTable {
+    pub egress: Option<network::Table>,
+    pub ingress: Option<network::Table>,
+}
+
+/// The trie key of `cidr` in `direction` under `version`.
+#[must_use]
+pub fn net_key(version: u32, direction: u8, cidr: &Cidr) -> Key<NetRuleKey> {
+    let mut addr = [0u8; 16];
+    let family = match cidr.addr {
+        std::net::IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            FAMILY_V4
+        }
+        std::net::IpAddr::V6(v6) => {
+            addr.copy_from_slice(&v6.octets());
+            FAMILY_V6
+        }
+    };
+    Key::new(
+        KEY_HEADER_BITS + u32::from(cidr.len),
+        NetRuleKey {
+            version,
+            direction,
+            family,
+            _pad: 0,
+            addr,
+        },
+    )
+}
+
+impl Domain for NetworkMaps {
+    type Policy = NetworkPolicy;
+    type Table = NetTable;
+    type Key = Key<NetRuleKey>;
+    type Value = NetRuleSet;
+    type Ref = NetPolicyRef;
+    const RULES: &'static str = maps::NET_RULES;
+    const REFS: &'static str = maps::NET_POLICY;
+
+    fn table(policy: &NetworkPolicy) -> NetTable {
+        // A policy that reached here was checked: its directions compile.
+        let compile =
+            |d: &Option<network::Direction>| d.as_ref().and_then(|d| network::compile(d).ok());
+        NetTable {
+            egress: compile(&policy.egress),
+            ingress: compile(&policy.ingress),
+        }
+    }
+
+    fn entries(table: &NetTable, version: u32) -> Vec<(Key<NetRuleKey>, NetRuleSet)> {
+        let mut out = Vec::new();
+        for (direction, table) in [(DIR_EGRESS, &table.egress), (DIR_INGRESS, &table.ingress)] {
+            for (cidr, rules) in table.iter().flatten() {
+                let mut set = NetRuleSet {
+                    count: rules.len().min(RULES_PER_PREFIX) as u32,
+                    ..NetRuleSet::default()
+                };
+                for (slot, rule) in set.rules.iter_mut().zip(rules) {
+                    *slot = NetRuleEntry {
+                        protocol: rule.protocol,
+                        allow: u8::from(rule.allow),
+                        index: rule.index,
+                        port_low: rule.port_low,
+                        port_high: rule.port_high,
+                    };
+                }
+                out.push((net_key(version, direction, cidr), set));
+            }
+        }
+        out
+    }
+
+    fn reference(policy: &NetworkPolicy, version: u32, owner: u32) -> NetPolicyRef {
+        let mut flags = 0;
+        if let Some(egress) = &policy.egress {
+            flags |= FLAG_EGRESS_RULES;
+            if egress.default == Action::Deny {
+                flags |= FLAG_EGRESS_DENY;
+            }
+        }
+        if let Some(ingress) = &policy.ingress {
+            flags |= FLAG_INGRESS_RULES;
+            if ingress.default == Action::Deny {
+                flags |= FLAG_INGRESS_DENY;
+            }
+        }
+        if policy.classid.is_some() {
+            flags |= FLAG_CLASSID;
+        }
+        if policy.mark.is_some() {
+            flags |= FLAG_MARK;
+        }
+        NetPolicyRef {
+            version,
+            owner,
+            flags,
+            classid: policy.classid.unwrap_or(0),
+            mark: policy.mark.unwrap_or(0),
+            _pad: 0,
+            egress_rate: policy.egress_rate.map(|r| r.spec(true)).unwrap_or_default(),
+            ingress_rate: policy
+                .ingress_rate
+                .map(|r| r.spec(false))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn ref_version(reference: &NetPolicyRef) -> u32 {
+        reference.version
+    }
+
+    fn ref_owner(reference: &NetPolicyRef) -> u32 {
+        reference.owner
+    }
+
+    fn key_version(key: &Key<NetRuleKey>) -> u32 {
+        key.data().version
+    }
+
+    fn insert_rule(&mut self, key: &Key<NetRuleKey>, value: &NetRuleSet) -> Result<(), MapError> {
+        self.rules.insert(key, value, 0)
+    }
+
+    fn remove_rule(&mut self, key: &Key<NetRuleKey>) {
+        let _ = self.rules.remove(key);
+    }
+
+    fn rule_keys(&self) -> Result<Vec<Key<NetRuleKey>>, MapError> {
+        settled(self.rules.keys())
+    }
+
+    fn get_ref(&self, id: u64) -> Option<NetPolicyRef> {
+        self.policy.get(&id, 0).ok()
+    }
+
+    fn set_ref(&mut self, id: u64, reference: &NetPolicyRef) -> Result<(), MapError> {
+        self.policy.insert(id, reference, 0)
+    }
+
+    fn remove_ref(&mut self, id: u64) {
+        let _ = self.policy.remove(&id);
+    }
+
+    fn refs(&self) -> Result<Vec<(u64, NetPolicyRef)>, MapError> {
+        settled(self.policy.iter())
+    }
+}
+
+/// Collects a map walk, skipping entries deleted while it ran (`agent run`
+/// removes its own concurrently).
+fn settled<T>(walk: impl Iterator<Item = Result<T, MapError>>) -> Result<Vec<T>, MapError> {
+    walk.filter(|item| !matches!(item, Err(MapError::KeyNotFound)))
+        .collect()
+}
+
+/// What the enforcer did in one [`Enforcer::apply`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     pub versions_written: usize,
@@ -53,94 +325,93 @@ pub struct Changes {
 }
 
 /// Writes `table` under `version`; on failure removes what it wrote.
-fn write_version(
-    maps: &mut DeviceMaps,
+fn write_version<D: Domain>(
+    maps: &mut D,
     version: u32,
-    table: &[((u32, u32, u32), u8)],
-) -> Result<Vec<DevKey>, Error> {
-    let mut keys = Vec::with_capacity(table.len());
-    for &((dev_type, major, minor), allowed) in table {
-        let key = DevKey {
-            version,
-            dev_type,
-            major,
-            minor,
-        };
-        if let Err(source) = maps.rules.insert(key, u32::from(allowed), 0) {
+    table: &D::Table,
+) -> Result<Vec<D::Key>, Error> {
+    let entries = D::entries(table, version);
+    let mut keys = Vec::with_capacity(entries.len());
+    for (key, value) in &entries {
+        if let Err(source) = maps.insert_rule(key, value) {
             for key in &keys {
-                let _ = maps.rules.remove(key);
+                maps.remove_rule(key);
             }
             return Err(Error::Map {
-                name: maps::DEV_RULES,
+                name: D::RULES,
                 source,
             });
         }
-        keys.push(key);
+        keys.push(*key);
     }
     Ok(keys)
 }
 
-/// Puts a workload's device policy in force for its cgroup (`agent run`),
-/// under version `version` (>= [`RUN_VERSIONS`]).
-pub fn set_for_run(
-    maps: &mut DeviceMaps,
+/// Puts a workload's policy in force for its cgroup (`agent run`), under
+/// version `version` (>= [`RUN_VERSIONS`]).
+pub fn set_for_run<D: Domain>(
+    maps: &mut D,
     cgroup_id: u64,
     version: u32,
-    policy: &DevicePolicy,
+    policy: &D::Policy,
 ) -> Result<(), Error> {
-    write_version(maps, version, &policy.compile())?;
-    maps.policy
-        .insert(
-            cgroup_id,
-            DevPolicyRef {
-                version,
-                owner: OWNER_RUN,
-            },
-            0,
-        )
-        .map_err(map_err(maps::DEV_POLICY))
+    let keys = write_version(maps, version, &D::table(policy))?;
+    maps.set_ref(cgroup_id, &D::reference(policy, version, OWNER_RUN))
+        .map_err(|source| {
+            for key in &keys {
+                maps.remove_rule(key);
+            }
+            Error::Map {
+                name: D::REFS,
+                source,
+            }
+        })
 }
 
 /// Removes what [`set_for_run`] wrote.
-pub fn clear_for_run(maps: &mut DeviceMaps, cgroup_id: u64, version: u32, policy: &DevicePolicy) {
-    let _ = maps.policy.remove(&cgroup_id);
-    for ((dev_type, major, minor), _) in policy.compile() {
-        let _ = maps.rules.remove(&DevKey {
-            version,
-            dev_type,
-            major,
-            minor,
-        });
+pub fn clear_for_run<D: Domain>(maps: &mut D, cgroup_id: u64, version: u32, policy: &D::Policy) {
+    maps.remove_ref(cgroup_id);
+    for (key, _) in D::entries(&D::table(policy), version) {
+        maps.remove_rule(&key);
     }
 }
 
-pub struct DeviceEnforcer {
-    maps: DeviceMaps,
+pub struct Enforcer<D: Domain> {
+    maps: D,
     next_version: u32,
     /// Compiled tables in force, by content, and their version.
-    versions: HashMap<Table, (u32, Vec<DevKey>)>,
+    versions: HashMap<D::Table, (u32, Vec<D::Key>)>,
     /// What this daemon set, by cgroup id.
-    assigned: HashMap<u64, u32>,
+    assigned: HashMap<u64, D::Ref>,
     /// Replaced versions, deleted after the grace period.
-    retired: Vec<(Vec<DevKey>, Instant)>,
+    retired: Vec<(Vec<D::Key>, Instant)>,
 }
 
-impl DeviceEnforcer {
-    /// Takes over the maps. Daemon entries and versions left by a previous
+/// Enforces device policies.
+pub type DeviceEnforcer = Enforcer<DeviceMaps>;
+/// Enforces network policies.
+pub type NetworkEnforcer = Enforcer<NetworkMaps>;
+
+impl<D: Domain> Enforcer<D> {
+    /// Takes over the maps. References and versions left by a previous
     /// daemon (pins kept) are adopted, and replaced by the first [`Self::apply`].
-    pub fn new(maps: DeviceMaps) -> Result<Self, Error> {
-        let mut left: HashMap<u32, Vec<DevKey>> = HashMap::new();
-        for key in maps.rules.keys() {
-            let key = key.map_err(map_err(maps::DEV_RULES))?;
-            if key.version < RUN_VERSIONS {
-                left.entry(key.version).or_default().push(key);
+    pub fn new(maps: D) -> Result<Self, Error> {
+        let mut left: HashMap<u32, Vec<D::Key>> = HashMap::new();
+        for key in maps.rule_keys().map_err(|source| Error::Map {
+            name: D::RULES,
+            source,
+        })? {
+            if D::key_version(&key) < RUN_VERSIONS {
+                left.entry(D::key_version(&key)).or_default().push(key);
             }
         }
         let mut assigned = HashMap::new();
-        for entry in maps.policy.iter() {
-            let (id, policy) = entry.map_err(map_err(maps::DEV_POLICY))?;
-            if policy.owner == OWNER_DAEMON {
-                assigned.insert(id, policy.version);
+        for (id, reference) in maps.refs().map_err(|source| Error::Map {
+            name: D::REFS,
+            source,
+        })? {
+            if D::ref_owner(&reference) == OWNER_DAEMON {
+                assigned.insert(id, reference);
             }
         }
         let next_version = left.keys().max().map_or(1, |v| v + 1);
@@ -155,20 +426,20 @@ impl DeviceEnforcer {
         })
     }
 
-    /// Makes `wanted` (cgroup id → device policy) what is in force: new rule
+    /// Makes `wanted` (cgroup id → policy) what is in force: new rule
     /// versions first, then one switch per cgroup, then releases. On an
     /// error the cgroups already switched go back, and nothing else changed.
     pub fn apply(
         &mut self,
-        wanted: &HashMap<u64, &DevicePolicy>,
+        wanted: &HashMap<u64, &D::Policy>,
         alive: &HashSet<u64>,
     ) -> Result<Changes, Error> {
         let mut changes = Changes::default();
         // 1. Rule versions for every distinct table wanted.
         let mut fresh = Vec::new();
-        let mut version_of: HashMap<u64, u32> = HashMap::new();
+        let mut reference_of: HashMap<u64, D::Ref> = HashMap::new();
         for (id, policy) in wanted {
-            let table = policy.compile();
+            let table = D::table(policy);
             let version = match self.versions.get(&table) {
                 Some((version, _)) => *version,
                 None => {
@@ -187,55 +458,38 @@ impl DeviceEnforcer {
                     version
                 }
             };
-            version_of.insert(*id, version);
+            reference_of.insert(*id, D::reference(policy, version, OWNER_DAEMON));
         }
         // 2. Switch each cgroup (leaving `agent run`'s own alone).
-        let mut switched: Vec<(u64, Option<u32>)> = Vec::new();
-        for (id, version) in &version_of {
-            if self.assigned.get(id) == Some(version) {
+        let mut switched: Vec<(u64, Option<D::Ref>)> = Vec::new();
+        for (id, reference) in &reference_of {
+            if self.assigned.get(id) == Some(reference) {
                 continue;
             }
-            // SAFETY of ownership: a workload's own policy wins over the file's.
+            // A workload's own policy wins over the file's.
             if self
                 .maps
-                .policy
-                .get(id, 0)
-                .is_ok_and(|p| p.owner == OWNER_RUN)
+                .get_ref(*id)
+                .is_some_and(|r| D::ref_owner(&r) == OWNER_RUN)
             {
                 continue;
             }
-            if let Err(source) = self.maps.policy.insert(
-                *id,
-                DevPolicyRef {
-                    version: *version,
-                    owner: OWNER_DAEMON,
-                },
-                0,
-            ) {
+            if let Err(source) = self.maps.set_ref(*id, reference) {
                 for (id, previous) in switched {
                     match previous {
-                        Some(version) => {
-                            let _ = self.maps.policy.insert(
-                                id,
-                                DevPolicyRef {
-                                    version,
-                                    owner: OWNER_DAEMON,
-                                },
-                                0,
-                            );
+                        Some(previous) => {
+                            let _ = self.maps.set_ref(id, &previous);
                         }
-                        None => {
-                            let _ = self.maps.policy.remove(&id);
-                        }
+                        None => self.maps.remove_ref(id),
                     }
                 }
                 self.undo_fresh(fresh);
                 return Err(Error::Map {
-                    name: maps::DEV_POLICY,
+                    name: D::REFS,
                     source,
                 });
             }
-            switched.push((*id, self.assigned.insert(*id, *version)));
+            switched.push((*id, self.assigned.insert(*id, *reference)));
             changes.cgroups_switched += 1;
         }
         // 3. Release cgroups no policy wants any more.
@@ -243,15 +497,15 @@ impl DeviceEnforcer {
             .assigned
             .keys()
             .copied()
-            .filter(|id| !version_of.contains_key(id))
+            .filter(|id| !reference_of.contains_key(id))
             .collect();
         for id in released {
-            let _ = self.maps.policy.remove(&id);
+            self.maps.remove_ref(id);
             self.assigned.remove(&id);
             changes.cgroups_released += 1;
         }
         // 4. Retire versions nobody uses.
-        let used: HashSet<u32> = self.assigned.values().copied().collect();
+        let used = self.used_versions();
         let now = Instant::now();
         let unused: Vec<_> = self
             .versions
@@ -268,18 +522,22 @@ impl DeviceEnforcer {
         Ok(changes)
     }
 
-    fn undo_fresh(&mut self, fresh: Vec<Table>) {
+    fn used_versions(&self) -> HashSet<u32> {
+        self.assigned.values().map(D::ref_version).collect()
+    }
+
+    fn undo_fresh(&mut self, fresh: Vec<D::Table>) {
         for table in fresh {
             if let Some((_, keys)) = self.versions.remove(&table) {
                 for key in keys {
-                    let _ = self.maps.rules.remove(&key);
+                    self.maps.remove_rule(&key);
                 }
             }
         }
     }
 
     /// Deletes the rules of versions retired longer ago than the grace
-    /// period, and the entries (and `agent run` versions) of cgroups that
+    /// period, and the references (and `agent run` versions) of cgroups that
     /// are gone.
     pub fn collect_garbage(&mut self, alive: &HashSet<u64>) {
         let now = Instant::now();
@@ -288,32 +546,33 @@ impl DeviceEnforcer {
             .drain(..)
             .partition(|(_, when)| now.duration_since(*when) >= GRACE);
         self.retired = keep;
-        let in_use: HashSet<u32> = self.assigned.values().copied().collect();
+        let in_use = self.used_versions();
         for (keys, _) in due {
             for key in keys
                 .into_iter()
-                .filter(|key| !in_use.contains(&key.version))
+                .filter(|key| !in_use.contains(&D::key_version(key)))
             {
-                let _ = self.maps.rules.remove(&key);
+                self.maps.remove_rule(&key);
             }
         }
-        let gone: Vec<(u64, DevPolicyRef)> = self
+        let gone: Vec<(u64, D::Ref)> = self
             .maps
-            .policy
-            .iter()
-            .filter_map(Result::ok)
+            .refs()
+            .unwrap_or_default()
+            .into_iter()
             .filter(|(id, _)| !alive.contains(id))
             .collect();
-        for (id, policy) in gone {
-            let _ = self.maps.policy.remove(&id);
+        for (id, reference) in gone {
+            self.maps.remove_ref(id);
             self.assigned.remove(&id);
-            if policy.owner == OWNER_RUN {
-                let keys: Vec<DevKey> = self
+            if D::ref_owner(&reference) == OWNER_RUN {
+                let version = D::ref_version(&reference);
+                let keys: Vec<D::Key> = self
                     .maps
-                    .rules
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| k.version == policy.version)
+                    .rule_keys()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|k| D::key_version(k) == version)
                     .collect();
                 self.retired.push((keys, now));
             }

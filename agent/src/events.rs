@@ -17,7 +17,8 @@ use std::{
 
 use common::{
     devices::{ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, TYPE_BLOCK},
-    events::{Event, EVENT_DEVICE_DENIED},
+    events::{Event, EVENT_DEVICE_DENIED, EVENT_NET_DENIED, REASON_CONNECT},
+    netpolicy::{DIR_EGRESS, FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RULE_DEFAULT},
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,15 +48,80 @@ pub struct Record {
     /// RFC 3339, UTC.
     pub time: String,
     pub unix_ms: u64,
-    /// `device_denied`.
+    /// `device_denied` or `net_denied`.
     pub kind: String,
     /// The cgroup's path relative to the watched root (its id when unknown).
     pub cgroup: String,
     pub cgroup_id: u64,
-    pub pid: u32,
-    pub comm: String,
+    /// The task, where known (a received packet has none); its command.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device: Option<Device>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub net: Option<Packet>,
+}
+
+/// The packet a network denial dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    /// `egress` or `ingress`.
+    pub direction: String,
+    /// `tcp`, `udp`, `icmp`, or the IP protocol number.
+    pub protocol: String,
+    /// Absent for a refused connect (nothing was sent yet).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub src: Option<String>,
+    pub dst: String,
+    /// Absent for protocols without ports.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub src_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dst_port: Option<u16>,
+    /// The rule's index in its direction; null when the default decided.
+    pub rule: Option<u16>,
+    /// `dropped`: the packet was dropped; `connect_refused`: a `connect()`
+    /// to it failed with EPERM before anything was sent.
+    pub outcome: String,
+}
+
+fn address(family: u8, bytes: &[u8; 16]) -> String {
+    if family == FAMILY_V4 {
+        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()
+    } else {
+        std::net::Ipv6Addr::from(*bytes).to_string()
+    }
+}
+
+fn packet(event: &Event) -> Packet {
+    let protocol = match event.net_protocol {
+        PROTO_TCP => "tcp".to_owned(),
+        PROTO_UDP => "udp".to_owned(),
+        PROTO_ICMP => "icmp".to_owned(),
+        other => other.to_string(),
+    };
+    let ports = matches!(event.net_protocol, PROTO_TCP | PROTO_UDP);
+    let sent = event.net_reason != REASON_CONNECT;
+    Packet {
+        direction: if event.net_direction == DIR_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        }
+        .into(),
+        protocol,
+        src: sent.then(|| address(event.net_family, &event.src_addr)),
+        dst: address(event.net_family, &event.dst_addr),
+        src_port: (ports && sent).then_some(event.src_port),
+        dst_port: ports.then_some(event.dst_port),
+        rule: (event.net_rule != RULE_DEFAULT).then_some(event.net_rule),
+        outcome: if event.net_reason == REASON_CONNECT {
+            "connect_refused"
+        } else {
+            "dropped"
+        }
+        .into(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,14 +181,17 @@ impl Record {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
             kind: match event.kind {
                 EVENT_DEVICE_DENIED => "device_denied",
+                EVENT_NET_DENIED => "net_denied",
                 _ => "unknown",
             }
             .into(),
             cgroup: path.map_or_else(|| format!("id:{}", event.cgroup_id), str::to_owned),
             cgroup_id: event.cgroup_id,
-            pid: event.pid,
-            comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+            pid: (event.pid != 0).then_some(event.pid),
+            comm: (event.pid != 0)
+                .then(|| String::from_utf8_lossy(&event.comm[..comm_len]).into_owned()),
             device,
+            net: (event.kind == EVENT_NET_DENIED).then(|| packet(event)),
         }
     }
 }
@@ -323,6 +392,7 @@ mod tests {
             major: 1,
             minor: 5,
             access: u32::from(ACCESS_READ | ACCESS_WRITE),
+            ..Event::ZERO
         };
         let record = Record::new(&event, Some("/web"));
         let json = serde_json::to_value(&record).unwrap();
@@ -337,6 +407,39 @@ mod tests {
             serde_json::json!({"type": "c", "major": 1, "minor": 5, "access": "rw"})
         );
         assert_eq!(Record::new(&event, None).cgroup, "id:7");
+    }
+
+    #[test]
+    fn a_network_denial_names_addresses_ports_and_rule() {
+        let mut src_addr = [0u8; 16];
+        src_addr[..4].copy_from_slice(&[169, 254, 77, 2]);
+        let mut dst_addr = [0u8; 16];
+        dst_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let event = Event {
+            kind: EVENT_NET_DENIED,
+            cgroup_id: 7,
+            net_family: FAMILY_V4,
+            net_protocol: PROTO_TCP,
+            net_direction: DIR_EGRESS,
+            net_rule: 2,
+            src_port: 40000,
+            dst_port: 443,
+            src_addr,
+            dst_addr,
+            ..Event::ZERO
+        };
+        let json = serde_json::to_value(Record::new(&event, Some("/web"))).unwrap();
+        assert_eq!(json["kind"], "net_denied");
+        assert_eq!(
+            (json["pid"].is_null(), json["comm"].is_null()),
+            (true, true)
+        );
+        assert_eq!(
+            json["net"],
+            serde_json::json!({"direction": "egress", "protocol": "tcp", "src": "169.254.77.2",
+                "dst": "10.1.2.3", "src_port": 40000, "dst_port": 443, "rule": 2,
+                "outcome": "dropped"})
+        );
     }
 
     #[test]

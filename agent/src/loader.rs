@@ -14,16 +14,18 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        BtfTracePoint, CgroupDevice, CgroupSkb, ProgramError, RawTracePoint,
+        BtfTracePoint, CgroupDevice, CgroupSkb, CgroupSockAddr, ProgramError, RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use common::{
     devices::{DevCounters, DevKey, DevPolicyRef},
-    maps, programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
+    maps,
+    netpolicy::{HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
+    programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
     AGENT_INFO_PATH_MAX, EVENT_RATE, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID,
     SCHED_ROOT_LEVEL, TASK_RUN_DELAY_OFFSET,
 };
@@ -39,6 +41,39 @@ const NET_PROGRAMS: [(&str, u32); 2] = [
     (programs::NET_INGRESS, sys::ATTACH_CGROUP_INET_INGRESS),
     (programs::NET_EGRESS, sys::ATTACH_CGROUP_INET_EGRESS),
 ];
+
+/// The programs that enforce policies (they can deny, so they are attached
+/// only where asked), with their hooks.
+const GUARD_PROGRAMS: [(&str, u32); 5] = [
+    (programs::DEV_GUARD, sys::ATTACH_CGROUP_DEVICE),
+    (programs::NET_GUARD_EGRESS, sys::ATTACH_CGROUP_INET_EGRESS),
+    (programs::NET_GUARD_INGRESS, sys::ATTACH_CGROUP_INET_INGRESS),
+    (
+        programs::NET_GUARD_CONNECT4,
+        sys::ATTACH_CGROUP_INET4_CONNECT,
+    ),
+    (
+        programs::NET_GUARD_CONNECT6,
+        sys::ATTACH_CGROUP_INET6_CONNECT,
+    ),
+];
+
+/// Which policies to enforce where the guards are attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Guards {
+    pub devices: bool,
+    pub network: bool,
+}
+
+impl Guards {
+    fn wants(self, program: &str) -> bool {
+        if program == programs::DEV_GUARD {
+            self.devices
+        } else {
+            self.network
+        }
+    }
+}
 
 /// Raw tracepoint programs, each named as its tracepoint: the cgroup tree changes.
 const RAW_TRACEPOINTS: [&str; 3] = [
@@ -196,6 +231,8 @@ pub struct Maps {
     pub sched_overflow: PerCpuHashMap<MapData, u64, SchedCounters>,
     pub sched_evict: Array<MapData, u64>,
     pub sched_uncounted: PerCpuArray<MapData, SchedCounters>,
+    pub net_drops: PerCpuHashMap<MapData, u64, NetDrops>,
+    pub net_hits: PerCpuHashMap<MapData, HitKey, Hits>,
 }
 
 impl Maps {
@@ -211,6 +248,8 @@ impl Maps {
             sched_overflow: take_map(ebpf, maps::SCHED_OVERFLOW)?,
             sched_evict: take_map(ebpf, maps::SCHED_EVICT)?,
             sched_uncounted: take_map(ebpf, maps::SCHED_UNCOUNTED)?,
+            net_drops: take_map(ebpf, maps::NET_DROPS)?,
+            net_hits: take_map(ebpf, maps::NET_HITS)?,
         })
     }
 
@@ -226,6 +265,8 @@ impl Maps {
             sched_overflow: open_pinned(pin_dir, maps::SCHED_OVERFLOW)?,
             sched_evict: open_pinned(pin_dir, maps::SCHED_EVICT)?,
             sched_uncounted: open_pinned(pin_dir, maps::SCHED_UNCOUNTED)?,
+            net_drops: open_pinned(pin_dir, maps::NET_DROPS)?,
+            net_hits: open_pinned(pin_dir, maps::NET_HITS)?,
         })
     }
 }
@@ -245,12 +286,28 @@ impl DeviceMaps {
     }
 }
 
+/// The maps network policies are written to (by the daemon, or `agent run`).
+pub struct NetworkMaps {
+    pub policy: HashMap<MapData, u64, NetPolicyRef>,
+    pub rules: LpmTrie<MapData, NetRuleKey, NetRuleSet>,
+}
+
+impl NetworkMaps {
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            policy: take_map(ebpf, maps::NET_POLICY)?,
+            rules: take_map(ebpf, maps::NET_RULES)?,
+        })
+    }
+}
+
 /// Everything a loaded object hands to the stages that use its maps.
 pub struct Loaded {
     /// For the collector.
     pub counters: Maps,
-    /// For the policy enforcer.
+    /// For the policy enforcers.
     pub devices: DeviceMaps,
+    pub network: NetworkMaps,
     /// For the event reader.
     pub events: RingBuf<MapData>,
 }
@@ -270,9 +327,16 @@ where
     let path = bpffs::maps_dir(pin_dir).join(name);
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
     let map = match name {
-        maps::NET_OVERFLOW | maps::SCHED_OVERFLOW | maps::DEV_COUNTS => Map::PerCpuHashMap(data),
+        maps::NET_OVERFLOW
+        | maps::SCHED_OVERFLOW
+        | maps::DEV_COUNTS
+        | maps::NET_DROPS
+        | maps::NET_HITS => Map::PerCpuHashMap(data),
         maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT => Map::Array(data),
-        maps::DEV_POLICY | maps::DEV_RULES => Map::HashMap(data),
+        maps::DEV_POLICY | maps::DEV_RULES | maps::NET_POLICY | maps::NET_RATE => {
+            Map::HashMap(data)
+        }
+        maps::NET_RULES => Map::LpmTrie(data),
         maps::EVENTS => Map::RingBuf(data),
         _ => Map::PerCpuArray(data),
     };
@@ -369,9 +433,9 @@ pub struct Options {
     pub net_slots: u32,
     /// Pin everything here (the daemon), or nothing (`agent top` on its own).
     pub pin_dir: Option<PathBuf>,
-    /// Attach the device policy program at the root (only with a policy file:
-    /// it can deny).
-    pub devices: bool,
+    /// Attach the policy programs at the root (only with a policy file: they
+    /// can deny).
+    pub guards: Guards,
     /// Denial events per second per CPU (and burst).
     pub event_rate: u64,
 }
@@ -521,34 +585,29 @@ impl Attached {
                 &mut guard,
             )?);
         }
-        let device_pin = options
-            .pin_dir
-            .as_ref()
-            .map(|dir| bpffs::links_dir(dir).join(programs::DEV_GUARD));
-        if options.devices {
-            let name = programs::DEV_GUARD;
-            let program: &mut CgroupDevice = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| Error::LoadProgram { name, source })?;
-            let fd = program
-                .fd()
-                .map_err(|source| Error::LoadProgram { name, source })?;
-            links.extend(attach_or_update(
-                name,
-                fd.as_fd(),
-                &cgroup,
-                &options.cgroup_root,
-                sys::ATTACH_CGROUP_DEVICE,
-                device_pin,
-                &mut guard,
-            )?);
-        } else if let Some(pin) = device_pin.filter(|pin| pin.exists()) {
-            // A previous daemon enforced device policies; this one does not.
-            fs::remove_file(&pin).map_err(|source| Error::Unpin {
-                pin_dir: pin,
-                source,
-            })?;
+        for (name, attach_type) in GUARD_PROGRAMS {
+            let pin = options
+                .pin_dir
+                .as_ref()
+                .map(|dir| bpffs::links_dir(dir).join(name));
+            if options.guards.wants(name) {
+                let fd = load_guard(&mut ebpf, name)?;
+                links.extend(attach_or_update(
+                    name,
+                    fd.as_fd(),
+                    &cgroup,
+                    &options.cgroup_root,
+                    attach_type,
+                    pin,
+                    &mut guard,
+                )?);
+            } else if let Some(pin) = pin.filter(|pin| pin.exists()) {
+                // A previous daemon enforced these policies; this one does not.
+                fs::remove_file(&pin).map_err(|source| Error::Unpin {
+                    pin_dir: pin,
+                    source,
+                })?;
+            }
         }
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|source| Error::Btf {
             source: Box::new(source),
@@ -611,6 +670,7 @@ impl Attached {
         let loaded = Loaded {
             counters: Maps::from_ebpf(&mut ebpf)?,
             devices: DeviceMaps::from_ebpf(&mut ebpf)?,
+            network: NetworkMaps::from_ebpf(&mut ebpf)?,
             events: take_map(&mut ebpf, maps::EVENTS)?,
         };
         let info = DaemonInfo {
@@ -686,37 +746,73 @@ impl Attached {
     }
 }
 
-/// The device program attached to one cgroup for `agent run --device`: it
-/// stays attached for as long as this value lives.
-pub struct DeviceGuard {
-    _ebpf: Ebpf,
-    _link: OwnedFd,
+/// Loads policy program `name` and returns its fd.
+fn load_guard(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, Error> {
+    let fd = if name == programs::DEV_GUARD {
+        let program: &mut CgroupDevice = program_mut(ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| Error::LoadProgram { name, source })?;
+        program
+            .fd()
+            .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
+    } else if name == programs::NET_GUARD_CONNECT4 || name == programs::NET_GUARD_CONNECT6 {
+        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| Error::LoadProgram { name, source })?;
+        program
+            .fd()
+            .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
+    } else {
+        let program: &mut CgroupSkb = program_mut(ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| Error::LoadProgram { name, source })?;
+        program
+            .fd()
+            .and_then(|fd| Ok(fd.as_fd().try_clone_to_owned()?))
+    };
+    fd.map_err(|source| Error::LoadProgram { name, source })
 }
 
-/// Maps a device program attached by `agent run` shares with a running
-/// daemon, so that its counts and events show in `agent stats` and
+/// The policy programs attached to one workload's cgroup by `agent run`:
+/// they stay attached for as long as this value lives.
+pub struct WorkloadGuard {
+    _ebpf: Ebpf,
+    _links: Vec<OwnedFd>,
+}
+
+/// Maps the policy programs attached by `agent run` share with a running
+/// daemon, so that their counts and events show in `agent stats` and
 /// `agent events`.
-const DEVICE_MAPS: [&str; 5] = [
+const POLICY_MAPS: [&str; 10] = [
     maps::DEV_POLICY,
     maps::DEV_RULES,
     maps::DEV_COUNTS,
     maps::EVENTS,
     maps::EVENT_BUCKET,
+    maps::NET_POLICY,
+    maps::NET_RULES,
+    maps::NET_RATE,
+    maps::NET_DROPS,
+    maps::NET_HITS,
 ];
 
-/// Attaches the device program to `cgroup` (a v2 directory this process
-/// created) for `agent run --device`. With a daemon's pins at `pin_dir`, the
-/// program uses the daemon's maps; otherwise maps of its own.
-pub fn guard_devices(
+/// Attaches the policy programs `guards` asks for to `cgroup` (a v2
+/// directory this process created) for `agent run`. With a daemon's pins at
+/// `pin_dir`, the programs use the daemon's maps; otherwise maps of their own.
+pub fn guard_workload(
     cgroup: &Path,
     pin_dir: Option<&Path>,
-) -> Result<(DeviceGuard, DeviceMaps), Error> {
+    guards: Guards,
+) -> Result<(WorkloadGuard, DeviceMaps, NetworkMaps), Error> {
     let mut loader = EbpfLoader::new();
     loader.allow_unsupported_maps();
     let shared: Vec<(&str, PathBuf)> = pin_dir
         .filter(|dir| pins_exist(dir))
         .map(|dir| {
-            DEVICE_MAPS
+            POLICY_MAPS
                 .map(|name| (name, bpffs::maps_dir(dir).join(name)))
                 .to_vec()
         })
@@ -727,33 +823,34 @@ pub fn guard_devices(
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| Error::Load { source })?;
-    let name = programs::DEV_GUARD;
-    let program: &mut CgroupDevice = program_mut(&mut ebpf, name)?;
-    program
-        .load()
-        .map_err(|source| Error::LoadProgram { name, source })?;
-    let fd = program
-        .fd()
-        .map_err(|source| Error::LoadProgram { name, source })?;
     let dir = fs::File::open(cgroup).map_err(|source| Error::OpenCgroup {
         path: cgroup.into(),
         source,
     })?;
-    let link =
-        sys::link_create(fd.as_fd(), dir.as_fd(), sys::ATTACH_CGROUP_DEVICE).map_err(|source| {
+    let mut links = Vec::new();
+    for (name, attach_type) in GUARD_PROGRAMS {
+        if !guards.wants(name) {
+            continue;
+        }
+        let fd = load_guard(&mut ebpf, name)?;
+        let link = sys::link_create(fd.as_fd(), dir.as_fd(), attach_type).map_err(|source| {
             Error::AttachCgroup {
                 name,
                 cgroup: cgroup.into(),
                 source: Box::new(source),
             }
         })?;
-    let maps = DeviceMaps::from_ebpf(&mut ebpf)?;
+        links.push(link);
+    }
+    let devices = DeviceMaps::from_ebpf(&mut ebpf)?;
+    let network = NetworkMaps::from_ebpf(&mut ebpf)?;
     Ok((
-        DeviceGuard {
+        WorkloadGuard {
             _ebpf: ebpf,
-            _link: link,
+            _links: links,
         },
-        maps,
+        devices,
+        network,
     ))
 }
 

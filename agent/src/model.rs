@@ -4,12 +4,16 @@
 
 use std::collections::HashMap;
 
-use common::{sched::latency_bucket_le_ns, NetCounters, SchedCounters, LATENCY_BUCKETS};
+use common::{
+    netpolicy::{NetDrops, DIR_EGRESS, RULE_DEFAULT},
+    sched::latency_bucket_le_ns,
+    NetCounters, SchedCounters, LATENCY_BUCKETS,
+};
 use serde::Serialize;
 
 use crate::{
     cgroupfs::Resources,
-    collect::{CgroupSample, Sample},
+    collect::{CgroupSample, RuleHits, Sample},
 };
 
 /// Everything the agent knows about the watched cgroups at one moment.
@@ -25,7 +29,7 @@ pub struct Snapshot {
     /// Sorted by path.
     pub cgroups: Vec<CgroupSnapshot>,
     /// Traffic of cgroups that found the per-cgroup maps full (see `--max-cgroups`).
-    pub uncounted: Net,
+    pub uncounted: Traffic,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -55,8 +59,10 @@ pub struct Devices {
 }
 
 /// Network counters since the programs were attached, and rates over the
-/// snapshot's interval when it has one.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+/// snapshot's interval when it has one. `rx_*` and `tx_*` count every packet
+/// the cgroup's sockets received or sent, including those its network
+/// policy then dropped (counted in `dropped_*`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Net {
     pub rx_bytes: u64,
     pub rx_packets: u64,
@@ -64,6 +70,48 @@ pub struct Net {
     pub tx_packets: u64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub rates: Option<NetRates>,
+    /// Packets the network policy dropped, both directions.
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub drops_by_reason: DropsByReason,
+    /// Egress packets over the rate let through with congestion notification.
+    pub congestion_notified: u64,
+    /// `connect()` calls refused with EPERM because the rules deny the address.
+    pub refused_connects: u64,
+    /// Denials whose event the rate limit held back.
+    pub suppressed_events: u64,
+    /// Packets each rule decided (rules that decided none are left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleHit>,
+}
+
+/// Bytes and packets, both directions.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Traffic {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+}
+
+/// Dropped packets by why.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct DropsByReason {
+    /// A rule or default denied them.
+    pub policy: u64,
+    /// Over the bandwidth cap.
+    pub rate: u64,
+}
+
+/// What one rule of a cgroup's network policy decided.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct RuleHit {
+    /// `egress` or `ingress`.
+    pub direction: &'static str,
+    /// The rule's index in its direction (from 0); null for the default.
+    pub rule: Option<u16>,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -156,7 +204,40 @@ impl Net {
             tx_bytes: counters.tx_bytes,
             tx_packets: counters.tx_packets,
             rates: None,
+            dropped_packets: 0,
+            dropped_bytes: 0,
+            drops_by_reason: DropsByReason::default(),
+            congestion_notified: 0,
+            refused_connects: 0,
+            suppressed_events: 0,
+            rules: Vec::new(),
         }
+    }
+
+    fn with_policy(mut self, drops: &NetDrops, hits: &[RuleHits]) -> Self {
+        self.dropped_packets = drops.policy_packets.saturating_add(drops.rate_packets);
+        self.dropped_bytes = drops.policy_bytes.saturating_add(drops.rate_bytes);
+        self.drops_by_reason = DropsByReason {
+            policy: drops.policy_packets,
+            rate: drops.rate_packets,
+        };
+        self.congestion_notified = drops.rate_marked;
+        self.refused_connects = drops.refused_connects;
+        self.suppressed_events = drops.suppressed;
+        self.rules = hits
+            .iter()
+            .map(|h| RuleHit {
+                direction: if h.direction == DIR_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                },
+                rule: (h.rule != RULE_DEFAULT).then_some(h.rule),
+                packets: h.hits.packets,
+                bytes: h.hits.bytes,
+            })
+            .collect();
+        self
     }
 }
 
@@ -261,7 +342,7 @@ fn cpu(sched: &SchedCounters, resources: &Resources) -> Cpu {
 
 impl CgroupSnapshot {
     fn new(cgroup: &CgroupSample, previous: Option<&CgroupSample>, interval: Option<f64>) -> Self {
-        let mut net = Net::totals(cgroup.net);
+        let mut net = Net::totals(cgroup.net).with_policy(&cgroup.net_drops, &cgroup.rule_hits);
         let mut cpu = cpu(&cgroup.sched, &cgroup.resources);
         if let Some(seconds) = interval {
             net.rates = Some(NetRates::between(
@@ -342,7 +423,12 @@ impl Snapshot {
             cgroup_root: current.cgroup_root.display().to_string(),
             interval_s: interval,
             cgroups,
-            uncounted: Net::totals(current.uncounted),
+            uncounted: Traffic {
+                rx_bytes: current.uncounted.rx_bytes,
+                rx_packets: current.uncounted.rx_packets,
+                tx_bytes: current.uncounted.tx_bytes,
+                tx_packets: current.uncounted.tx_packets,
+            },
         }
     }
 }
@@ -381,6 +467,33 @@ mod tests {
                 denied: 2,
                 suppressed: 1,
             },
+            net_drops: common::netpolicy::NetDrops {
+                policy_packets: 3,
+                policy_bytes: 300,
+                rate_packets: 1,
+                rate_bytes: 1500,
+                rate_marked: 4,
+                refused_connects: 2,
+                suppressed: 1,
+            },
+            rule_hits: vec![
+                crate::collect::RuleHits {
+                    direction: common::netpolicy::DIR_EGRESS,
+                    rule: 0,
+                    hits: common::netpolicy::Hits {
+                        packets: 3,
+                        bytes: 300,
+                    },
+                },
+                crate::collect::RuleHits {
+                    direction: common::netpolicy::DIR_INGRESS,
+                    rule: common::netpolicy::RULE_DEFAULT,
+                    hits: common::netpolicy::Hits {
+                        packets: 7,
+                        bytes: 700,
+                    },
+                },
+            ],
             resources: Resources {
                 memory_current: Some(4096),
                 memory_limit: None,
@@ -420,7 +533,14 @@ mod tests {
         assert_eq!(c["path"], "/");
         assert_eq!(
             c["net"],
-            serde_json::json!({"rx_bytes": 1000, "rx_packets": 10, "tx_bytes": 0, "tx_packets": 0})
+            serde_json::json!({"rx_bytes": 1000, "rx_packets": 10, "tx_bytes": 0, "tx_packets": 0,
+            "dropped_packets": 4, "dropped_bytes": 1800,
+            "drops_by_reason": {"policy": 3, "rate": 1},
+            "congestion_notified": 4, "refused_connects": 2, "suppressed_events": 1,
+            "rules": [
+                {"direction": "egress", "rule": 0, "packets": 3, "bytes": 300},
+                {"direction": "ingress", "rule": null, "packets": 7, "bytes": 700}
+            ]})
         );
         assert_eq!(c["cpu"]["usage_ns"], 5_000_000);
         assert_eq!(

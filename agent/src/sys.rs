@@ -81,6 +81,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 pub const ATTACH_CGROUP_INET_INGRESS: u32 = 0;
 pub const ATTACH_CGROUP_INET_EGRESS: u32 = 1;
 pub const ATTACH_CGROUP_DEVICE: u32 = 6;
+pub const ATTACH_CGROUP_INET4_CONNECT: u32 = 10;
+pub const ATTACH_CGROUP_INET6_CONNECT: u32 = 11;
 
 #[repr(C)]
 #[derive(Default)]

@@ -8,6 +8,7 @@
 pub mod devices;
 pub mod events;
 pub mod net;
+pub mod netpolicy;
 pub mod sched;
 
 pub use net::{NetCounters, NetSlot, NetSlotTable, NET_SLOTS};
@@ -22,7 +23,7 @@ pub const SLOT_RECLAIMING: u64 = u64::MAX;
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.
@@ -69,9 +70,19 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of one [`crate::events::Bucket`].
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// Hash: cgroup id → [`crate::netpolicy::NetPolicyRef`].
+    pub const NET_POLICY: &str = "NET_POLICY";
+    /// LPM trie: [`crate::netpolicy::NetRuleKey`] → [`crate::netpolicy::NetRuleSet`].
+    pub const NET_RULES: &str = "NET_RULES";
+    /// Hash: [`crate::netpolicy::RateKey`] → [`crate::netpolicy::RateState`].
+    pub const NET_RATE: &str = "NET_RATE";
+    /// Per-CPU hash: cgroup id → [`crate::netpolicy::NetDrops`].
+    pub const NET_DROPS: &str = "NET_DROPS";
+    /// Per-CPU hash: [`crate::netpolicy::HitKey`] → [`crate::netpolicy::Hits`].
+    pub const NET_HITS: &str = "NET_HITS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 21] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
@@ -88,6 +99,11 @@ pub mod maps {
         DEV_COUNTS,
         EVENTS,
         EVENT_BUCKET,
+        NET_POLICY,
+        NET_RULES,
+        NET_RATE,
+        NET_DROPS,
+        NET_HITS,
     ];
 }
 
@@ -112,6 +128,14 @@ pub mod programs {
     pub const DEV_GUARD: &str = "dev_guard";
     /// cgroup_device that allows everything: the baseline of `cargo xtask bench dev`.
     pub const DEV_EMPTY: &str = "dev_empty";
+    /// cgroup_skb egress and ingress: enforce network policies (attached
+    /// only where asked: they can drop).
+    pub const NET_GUARD_EGRESS: &str = "net_guard_egress";
+    pub const NET_GUARD_INGRESS: &str = "net_guard_ingress";
+    /// cgroup/connect4 and connect6: refuse a `connect()` the egress rules
+    /// deny with EPERM, at once, rather than let TCP retry a dropped SYN.
+    pub const NET_GUARD_CONNECT4: &str = "net_guard_connect4";
+    pub const NET_GUARD_CONNECT6: &str = "net_guard_connect6";
     /// Empty programs on the same tracepoints (tracepoint, program), the
     /// baseline of `cargo xtask bench sched`.
     pub const SCHED_EMPTY: [(&str, &str); 4] = [
@@ -202,4 +226,20 @@ mod user {
     unsafe impl aya::Pod for crate::events::Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::events::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::NetPolicyRef {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::NetRuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::NetRuleSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::RateKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::RateState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::NetDrops {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::HitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::Hits {}
 }

@@ -10,6 +10,7 @@
 //! and `*:*` for numbers no rule names.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::generated::bpf_get_current_cgroup_id,
     macros::{cgroup_device, map},
     maps::{HashMap, PerCpuHashMap},
@@ -30,7 +31,8 @@ const DENY: i32 = 0;
 const MAX_RULE_ENTRIES: u32 = 65_536;
 
 #[map(name = "DEV_POLICY")]
-static DEV_POLICY: HashMap<u64, DevPolicyRef> = HashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+static DEV_POLICY: HashMap<u64, DevPolicyRef> =
+    HashMap::with_max_entries(DEFAULT_MAX_CGROUPS, BPF_F_NO_PREALLOC);
 
 #[map(name = "DEV_RULES")]
 static DEV_RULES: HashMap<DevKey, u32> = HashMap::with_max_entries(MAX_RULE_ENTRIES, 0);
@@ -114,7 +116,7 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
         access,
         ..Event::ZERO
     };
-    if !events::send(event) {
+    if !events::send(event, true) {
         count(cgroup_id, |c| unsafe { &raw mut (*c).suppressed });
     }
     DENY

@@ -28,8 +28,8 @@ fn take_token(now: u64) -> bool {
     };
     let rate = EVENT_RATE.load();
     let full = rate * 1000;
-    // SAFETY: this CPU's bucket; events come from process context, and a
-    // preempting program at worst grants or refuses one token too many.
+    // SAFETY: this CPU's bucket; a program preempting this one (a packet
+    // in softirq) at worst grants or refuses one token too many.
     unsafe {
         let elapsed = now.saturating_sub((*bucket).last_ns);
         // rate tokens per second = rate * 1000 milli-tokens per 1e9 ns.
@@ -46,21 +46,23 @@ fn take_token(now: u64) -> bool {
     }
 }
 
-/// Sends `event` (time, pid and command filled in here) unless the rate
-/// limit holds it back; returns whether it was sent.
+/// Sends `event` (time, and with `task` the current pid and command, filled
+/// in here) unless the rate limit holds it back; returns whether it was sent.
 #[inline(always)]
-pub fn send(mut event: Event) -> bool {
+pub fn send(mut event: Event, task: bool) -> bool {
     // SAFETY: helpers without pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(now) {
         return false;
     }
     event.time_ns = now;
-    // SAFETY: as above.
-    event.pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
-    let mut comm = [0u8; COMM_LEN];
-    // SAFETY: a buffer of COMM_LEN bytes.
-    unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32) };
-    event.comm = comm;
+    if task {
+        // SAFETY: as above.
+        event.pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+        let mut comm = [0u8; COMM_LEN];
+        // SAFETY: a buffer of COMM_LEN bytes.
+        unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32) };
+        event.comm = comm;
+    }
     EVENTS.output::<Event>(&event, 0).is_ok()
 }

@@ -14,6 +14,7 @@ mod devices;
 mod events;
 mod info;
 mod net;
+mod netguard;
 mod sched;
 mod slots;
 

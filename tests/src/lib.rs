@@ -711,3 +711,32 @@ pub fn wait_success(child: &mut Child, what: &str, timeout: Duration) {
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A policy file in a temp dir, removed on drop.
+pub struct PolicyFile(pub PathBuf);
+
+impl PolicyFile {
+    pub fn new(text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.json", unique("agent-test-policy")));
+        let file = Self(path);
+        file.write(text);
+        file
+    }
+
+    /// Replaces the file atomically (as editors and config managers do).
+    pub fn write(&self, text: &str) {
+        let tmp = self.0.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &self.0).unwrap();
+    }
+
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -10,40 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{agent_bin, attachments, require_root, unique, Cgroup, Daemon, Runs};
+use agent_tests::{agent_bin, attachments, require_root, unique, Cgroup, Daemon, PolicyFile, Runs};
 
 /// The device helper binary, next to the agent.
 fn devpeer() -> PathBuf {
     agent_bin().with_file_name("devpeer")
-}
-
-/// A policy file in a temp dir, removed on drop.
-struct PolicyFile(PathBuf);
-
-impl PolicyFile {
-    fn new(text: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("{}.json", unique("agent-test-policy")));
-        let file = Self(path);
-        file.write(text);
-        file
-    }
-
-    /// Replaces the file atomically (as editors and config managers do).
-    fn write(&self, text: &str) {
-        let tmp = self.0.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.0).unwrap();
-    }
-
-    fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for PolicyFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 fn policy(path: &str, default: &str, rules: &[(&str, &str)]) -> String {
@@ -173,7 +144,10 @@ fn a_thousand_policy_switches_give_no_wrong_verdict_and_no_extra_program() {
     let file = PolicyFile::new(&a);
     let daemon = enforcing(&root, &file, &[]);
     let programs_at_start = attachments(&root.path);
-    assert_eq!(programs_at_start, 3, "net ingress, net egress, devices");
+    assert_eq!(
+        programs_at_start, 7,
+        "accounting (2), devices (1), network guards (egress, ingress, connect4, connect6)"
+    );
 
     let mut worker = box_
         .command(devpeer(), None)

@@ -21,17 +21,18 @@ use super::{LoadArgs, PinArgs};
 use crate::{
     cgroup,
     collect::{Collector, Role, Sample},
-    enforce::DeviceEnforcer,
+    enforce::{DeviceEnforcer, Domain, Enforcer, NetworkEnforcer},
     events::{self, Hub, Record},
-    loader::{Attached, Options},
-    policy::{self, DevicePolicy, PolicyFile},
+    loader::{Attached, Guards, Options},
+    policy::{self, Policy, PolicyFile},
 };
 
 /// Attach the accounting programs and keep them attached until stopped.
 ///
 /// Pins the maps and links under --pin-dir so that `agent stats` and
-/// `agent top` can read them. With --policy, also enforces the device
-/// policies of that file (attaching a device program at the cgroup root),
+/// `agent top` can read them. With --policy, also enforces the device and
+/// network policies of that file (attaching a device program and two
+/// cgroup_skb guards at the cgroup root),
 /// reloads it on SIGHUP and when it changes, and publishes every denial to
 /// `agent events` and the audit log. On SIGINT or SIGTERM the programs are
 /// detached and the pins removed, unless --keep-pinned: then the programs
@@ -155,29 +156,54 @@ impl PolicySource {
     }
 }
 
-/// Puts the file's device policies in force for the cgroups of `sample`.
-fn reconcile(enforcer: &mut DeviceEnforcer, file: &PolicyFile, sample: &Sample) {
-    let cgroups: Vec<(u64, &str, Option<&str>)> = sample
-        .cgroups
+/// The daemon's enforcers, one per kind of policy.
+struct Enforcers {
+    devices: DeviceEnforcer,
+    network: NetworkEnforcer,
+}
+
+impl Enforcers {
+    /// Puts the file's policies in force for the cgroups of `sample`.
+    fn reconcile(&mut self, file: &PolicyFile, sample: &Sample) {
+        let cgroups: Vec<(u64, &str, Option<&str>)> = sample
+            .cgroups
+            .iter()
+            .map(|c| (c.id, c.path.as_str(), c.name.as_deref()))
+            .collect();
+        let resolved = file.resolve(&cgroups);
+        let alive: HashSet<u64> = sample.cgroups.iter().map(|c| c.id).collect();
+        apply(&mut self.devices, "device", file, &resolved, &alive, |p| {
+            p.devices.as_ref()
+        });
+        apply(&mut self.network, "network", file, &resolved, &alive, |p| {
+            p.network.as_ref()
+        });
+    }
+}
+
+/// Puts one kind of the file's policies in force.
+fn apply<'a, D: Domain>(
+    enforcer: &mut Enforcer<D>,
+    kind: &str,
+    file: &'a PolicyFile,
+    resolved: &HashMap<u64, usize>,
+    alive: &HashSet<u64>,
+    pick: impl Fn(&'a Policy) -> Option<&'a D::Policy>,
+) {
+    let wanted: HashMap<u64, &D::Policy> = resolved
         .iter()
-        .map(|c| (c.id, c.path.as_str(), c.name.as_deref()))
+        .filter_map(|(id, index)| Some((*id, pick(&file.policies[*index])?)))
         .collect();
-    let wanted: HashMap<u64, &DevicePolicy> = file
-        .resolve(&cgroups)
-        .into_iter()
-        .filter_map(|(id, index)| Some((id, file.policies[index].devices.as_ref()?)))
-        .collect();
-    let alive: HashSet<u64> = sample.cgroups.iter().map(|c| c.id).collect();
-    match enforcer.apply(&wanted, &alive) {
+    match enforcer.apply(&wanted, alive) {
         Ok(changes) if changes.cgroups_switched + changes.cgroups_released > 0 => log::info!(
-            "device policy in force for {} cgroups ({} switched, {} released)",
+            "{kind} policy in force for {} cgroups ({} switched, {} released)",
             enforcer.assigned(),
             changes.cgroups_switched,
             changes.cgroups_released
         ),
         Ok(_) => {}
         Err(err) => log::error!(
-            "applying the device policies failed: {err}; the policy in force stays in force"
+            "applying the {kind} policies failed: {err}; the {kind} policy in force stays in force"
         ),
     }
 }
@@ -207,17 +233,23 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
         max_cgroups: args.load.max_cgroups,
         net_slots: args.load.net_slots,
         pin_dir: Some(args.pins.pin_dir.clone()),
-        devices: policy.is_some(),
+        guards: Guards {
+            devices: policy.is_some(),
+            network: policy.is_some(),
+        },
         event_rate: args.event_rate,
     })?;
     let mut collector =
         Collector::new(loaded.counters, &root, Role::Owner).with_state_dir(&args.state.state_dir);
     let mut enforcer = match &policy {
-        Some(_) => Some(DeviceEnforcer::new(loaded.devices)?),
+        Some(_) => Some(Enforcers {
+            devices: DeviceEnforcer::new(loaded.devices)?,
+            network: NetworkEnforcer::new(loaded.network)?,
+        }),
         None => None,
     };
     if let (Some(enforcer), Some(policy)) = (enforcer.as_mut(), policy.as_ref()) {
-        reconcile(enforcer, &policy.file, &collector.housekeep()?);
+        enforcer.reconcile(&policy.file, &collector.housekeep()?);
     }
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
     let mut ring =
@@ -251,7 +283,7 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
                     Ok(sample) => {
                         failing = false;
                         if let (Some(enforcer), Some(policy), Some(sample)) = (enforcer.as_mut(), policy.as_ref(), sample) {
-                            reconcile(enforcer, &policy.file, &sample);
+                            enforcer.reconcile(&policy.file, &sample);
                         }
                     }
                     Err(err) if !failing => {
@@ -271,7 +303,7 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
                 if now != generation {
                     generation = now;
                     if let (Some(enforcer), Some(policy), Ok(sample)) = (enforcer.as_mut(), policy.as_ref(), collector.housekeep()) {
-                        reconcile(enforcer, &policy.file, &sample);
+                        enforcer.reconcile(&policy.file, &sample);
                     }
                 }
             }
@@ -293,7 +325,7 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
         if let (Some(why), Some(source)) = (reload, policy.as_mut()) {
             if source.reload(why) {
                 if let (Some(enforcer), Ok(sample)) = (enforcer.as_mut(), collector.housekeep()) {
-                    reconcile(enforcer, &source.file, &sample);
+                    enforcer.reconcile(&source.file, &sample);
                 }
             }
         }

@@ -41,7 +41,7 @@ pub enum Command {
     Daemon(daemon::DaemonArgs),
     Stats(stats::StatsArgs),
     Top(top::TopArgs),
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     Ps(ps::PsArgs),
     /// Freeze every process of a workload started by `agent run`.
     Pause(control::Target),

@@ -45,8 +45,13 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<()> {
                         .iter()
                         .filter(|p| p.devices.is_some())
                         .count();
+                    let network = parsed
+                        .policies
+                        .iter()
+                        .filter(|p| p.network.is_some())
+                        .count();
                     println!(
-                        "{}: valid, {} policies ({devices} with device rules)",
+                        "{}: valid, {} policies ({devices} with device rules, {network} with network rules)",
                         file.display(),
                         parsed.policies.len()
                     );

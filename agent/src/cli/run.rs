@@ -103,6 +103,35 @@ pub struct RunArgs {
     /// --device is given).
     #[arg(long, value_name = "allow|deny", value_parser = parse_action)]
     pub device_default: Option<crate::policy::Action>,
+    /// Allow egress to CIDR[:PORTS][/PROTO], such as 10.0.0.0/8:443/tcp,
+    /// [fd00::/8]:53/udp, 192.0.2.7 or any:22/tcp (PORTS a port or a range
+    /// 8000-9000; PROTO tcp, udp, icmp or any). Rules apply in command-line
+    /// order with --net-deny; the first that matches decides.
+    #[arg(long, value_name = "CIDR[:PORTS][/PROTO]")]
+    pub net_allow: Vec<String>,
+    /// Deny egress to CIDR[:PORTS][/PROTO] (as --net-allow).
+    #[arg(long, value_name = "CIDR[:PORTS][/PROTO]")]
+    pub net_deny: Vec<String>,
+    /// What happens to egress no rule matches (default: deny when every rule
+    /// is an --net-allow, allow otherwise).
+    #[arg(long, value_name = "allow|deny", value_parser = parse_action)]
+    pub net_default: Option<crate::policy::Action>,
+    /// Cap the bandwidth the workload sends, such as 50mbit or 1gbit (a
+    /// token bucket in the kernel: over it TCP is told to slow down, then
+    /// packets are dropped).
+    #[arg(long, value_name = "RATE")]
+    pub egress_rate: Option<String>,
+    /// Cap the bandwidth the workload receives (over it, packets are dropped).
+    #[arg(long, value_name = "RATE")]
+    pub ingress_rate: Option<String>,
+    /// net_cls class id MAJOR:MINOR (hex, as tc writes it): the workload's
+    /// packets get this priority, so an HTB qdisc files them into that class.
+    #[arg(long, value_name = "MAJOR:MINOR")]
+    pub classid: Option<String>,
+    /// --net-allow and --net-deny in command-line order (filled in by
+    /// [`RunArgs::order_net_rules`]).
+    #[arg(skip)]
+    pub net_rules: Vec<(crate::policy::Action, String)>,
     #[command(flatten)]
     pub pins: super::PinArgs,
     /// Parent of the workload's cgroup in every hierarchy, relative to its root.
@@ -153,40 +182,85 @@ fn parse_action(text: &str) -> Result<crate::policy::Action, String> {
     }
 }
 
-/// A workload's device policy in force: the program on its cgroup and its
-/// rules in the maps; removed on drop.
-struct DeviceRule {
-    maps: crate::loader::DeviceMaps,
-    _guard: crate::loader::DeviceGuard,
-    cgroup_id: u64,
-    version: u32,
-    policy: crate::policy::DevicePolicy,
-}
-
-impl DeviceRule {
-    fn install(
-        cgroup: &Path,
-        pin_dir: &Path,
-        policy: &crate::policy::DevicePolicy,
-    ) -> anyhow::Result<Self> {
-        let (guard, mut maps) = crate::loader::guard_devices(cgroup, Some(pin_dir))?;
-        let cgroup_id = crate::cgroup::cgroup_id(cgroup)?;
-        let version =
-            crate::enforce::RUN_VERSIONS | (std::process::id() & !crate::enforce::RUN_VERSIONS);
-        crate::enforce::set_for_run(&mut maps, cgroup_id, version, policy)?;
-        Ok(Self {
-            maps,
-            _guard: guard,
-            cgroup_id,
-            version,
-            policy: policy.clone(),
-        })
+impl RunArgs {
+    /// Puts --net-allow and --net-deny into `net_rules` in the order they
+    /// were given (clap keeps each flag's values apart).
+    pub fn order_net_rules(&mut self, matches: &clap::ArgMatches) {
+        use crate::policy::Action;
+        let mut rules: Vec<(usize, Action, String)> = Vec::new();
+        for (id, action, values) in [
+            ("net_allow", Action::Allow, &self.net_allow),
+            ("net_deny", Action::Deny, &self.net_deny),
+        ] {
+            let indices: Vec<usize> = matches
+                .indices_of(id)
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            for (i, value) in values.iter().enumerate() {
+                let at = indices.get(i).copied().unwrap_or(usize::MAX);
+                rules.push((at, action, value.clone()));
+            }
+        }
+        rules.sort_by_key(|(at, _, _)| *at);
+        self.net_rules = rules.into_iter().map(|(_, a, v)| (a, v)).collect();
     }
 }
 
-impl Drop for DeviceRule {
+/// A workload's device and network policies in force: the programs on its
+/// cgroup and the rules in the maps; removed on drop.
+struct WorkloadPolicy {
+    devices: crate::loader::DeviceMaps,
+    network: crate::loader::NetworkMaps,
+    _guard: crate::loader::WorkloadGuard,
+    cgroup_id: u64,
+    version: u32,
+    device_policy: Option<crate::policy::DevicePolicy>,
+    network_policy: Option<crate::policy::NetworkPolicy>,
+}
+
+impl WorkloadPolicy {
+    fn install(cgroup: &Path, pin_dir: &Path, spec: &RunSpec) -> anyhow::Result<Option<Self>> {
+        let guards = crate::loader::Guards {
+            devices: spec.devices.is_some(),
+            network: spec.network.is_some(),
+        };
+        if guards == crate::loader::Guards::default() {
+            return Ok(None);
+        }
+        let (guard, devices, network) =
+            crate::loader::guard_workload(cgroup, Some(pin_dir), guards)?;
+        let cgroup_id = crate::cgroup::cgroup_id(cgroup)?;
+        let version =
+            crate::enforce::RUN_VERSIONS | (std::process::id() & !crate::enforce::RUN_VERSIONS);
+        let mut installed = Self {
+            devices,
+            network,
+            _guard: guard,
+            cgroup_id,
+            version,
+            device_policy: None,
+            network_policy: None,
+        };
+        if let Some(policy) = &spec.devices {
+            crate::enforce::set_for_run(&mut installed.devices, cgroup_id, version, policy)?;
+            installed.device_policy = Some(policy.clone());
+        }
+        if let Some(policy) = &spec.network {
+            crate::enforce::set_for_run(&mut installed.network, cgroup_id, version, policy)?;
+            installed.network_policy = Some(policy.clone());
+        }
+        Ok(Some(installed))
+    }
+}
+
+impl Drop for WorkloadPolicy {
     fn drop(&mut self) {
-        crate::enforce::clear_for_run(&mut self.maps, self.cgroup_id, self.version, &self.policy);
+        if let Some(policy) = &self.device_policy {
+            crate::enforce::clear_for_run(&mut self.devices, self.cgroup_id, self.version, policy);
+        }
+        if let Some(policy) = &self.network_policy {
+            crate::enforce::clear_for_run(&mut self.network, self.cgroup_id, self.version, policy);
+        }
     }
 }
 
@@ -230,6 +304,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         keep: args.keep,
         devices: args.device.clone(),
         device_default: args.device_default,
+        net_rules: args.net_rules.clone(),
+        net_default: args.net_default,
+        egress_rate: args.egress_rate.clone(),
+        ingress_rate: args.ingress_rate.clone(),
+        classid: args.classid.clone(),
         command: args.command.clone(),
     };
     let spec = RunSpec::new(raw, &host, default_name).map_err(|e| {
@@ -296,14 +375,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         held.map_ids().map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
     }
     cgroups.join(pid).map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
-    // The device policy is in force before the command runs.
-    let devices = match &spec.devices {
-        Some(policy) => Some(
-            DeviceRule::install(&cgroups.placement().v2, &args.pins.pin_dir, policy)
-                .map_err(|e| fail(EXIT_AGENT_FAILED, e))?,
-        ),
-        None => None,
-    };
+    // The device and network policies are in force before the command runs.
+    let policies = WorkloadPolicy::install(&cgroups.placement().v2, &args.pins.pin_dir, &spec)
+        .map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
     let veth =
         net::setup(spec.net, pid, &args.state_dir).map_err(|e| fail(EXIT_AGENT_FAILED, e))?;
     let record = Record {
@@ -351,7 +425,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         &signals,
     );
     forget(&args.state_dir);
-    drop(devices);
+    drop(policies);
     let oom_killed = cgroups::oom_kills(cgroups.placement()).unwrap_or(0) > 0;
     if spec.keep {
         cgroups.disarm();

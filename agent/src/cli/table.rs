@@ -154,6 +154,8 @@ mod tests {
                     ..Resources::default()
                 },
                 devices: common::devices::DevCounters::default(),
+                net_drops: common::netpolicy::NetDrops::default(),
+                rule_hits: Vec::new(),
             }
         };
         Sample {

@@ -50,7 +50,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
             max_cgroups: args.load.max_cgroups,
             net_slots: args.load.net_slots,
             pin_dir: None,
-            devices: false,
+            guards: crate::loader::Guards::default(),
             event_rate: common::DEFAULT_EVENT_RATE,
         })?;
         (

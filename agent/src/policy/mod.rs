@@ -26,12 +26,16 @@
 //! did). An invalid file is rejected whole, with every error and where it is.
 
 pub mod devices;
+pub mod network;
 
 use std::{collections::HashMap, fmt};
 
 use serde_json::Value;
 
-pub use self::devices::{Action, DevicePolicy};
+pub use self::{
+    devices::{Action, DevicePolicy},
+    network::NetworkPolicy,
+};
 
 /// The only file format version so far.
 pub const VERSION: u64 = 1;
@@ -74,6 +78,7 @@ pub struct Policy {
     pub name: String,
     pub select: Selectors,
     pub devices: Option<DevicePolicy>,
+    pub network: Option<NetworkPolicy>,
 }
 
 /// A valid policy file.
@@ -82,12 +87,12 @@ pub struct PolicyFile {
     pub policies: Vec<Policy>,
 }
 
-struct Checker {
-    problems: Vec<Problem>,
+pub(crate) struct Checker {
+    pub(crate) problems: Vec<Problem>,
 }
 
 impl Checker {
-    fn problem(&mut self, place: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn problem(&mut self, place: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             place: place.into(),
             message: message.into(),
@@ -241,7 +246,7 @@ impl Checker {
 /// Most compiled entries one device policy may take in the kernel's table.
 pub const MAX_COMPILED_ENTRIES: usize = 16_384;
 
-fn kind(value: &Value) -> &'static str {
+pub(crate) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -252,7 +257,7 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn shown(value: &Value) -> String {
+pub(crate) fn shown(value: &Value) -> String {
     match value {
         Value::String(text) => format!("{text:?}"),
         Value::Number(n) => n.to_string(),
@@ -311,13 +316,12 @@ pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
                     checker.problem(&place, format!("{} is not an object", kind(item)));
                     continue;
                 };
-                for key in fields
-                    .keys()
-                    .filter(|k| !["name", "cgroups", "workloads", "devices"].contains(&k.as_str()))
-                {
+                for key in fields.keys().filter(|k| {
+                    !["name", "cgroups", "workloads", "devices", "network"].contains(&k.as_str())
+                }) {
                     checker.problem(
                         format!("{place}.{key}"),
-                        "unknown field (known: name, cgroups, workloads, devices)",
+                        "unknown field (known: name, cgroups, workloads, devices, network)",
                     );
                 }
                 let name = match fields.get("name") {
@@ -345,16 +349,20 @@ pub fn parse(text: &str) -> Result<PolicyFile, Invalid> {
                 let devices = fields
                     .get("devices")
                     .and_then(|value| checker.devices(value, &format!("{place}.devices")));
-                if fields.get("devices").is_none() {
+                let network = fields
+                    .get("network")
+                    .and_then(|value| checker.network(value, &format!("{place}.network")));
+                if fields.get("devices").is_none() && fields.get("network").is_none() {
                     checker.problem(
                         &place,
-                        "it has no \"devices\" section: a policy must set something",
+                        "it has no \"devices\" or \"network\" section: a policy must set something",
                     );
                 }
                 file.policies.push(Policy {
                     name,
                     select: Selectors { cgroups, workloads },
                     devices,
+                    network,
                 });
             }
         }
@@ -482,7 +490,7 @@ mod tests {
             {"cgroups": ["/a"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rw"}, {"allow": "c x:3 r"}]}},
             {"cgroups": ["web"], "devices": {"default": "maybe"}},
             {"devices": {"default": "deny", "rules": [{"permit": "c 1:3 r"}, "c 1:3 r"]}},
-            {"cgroups": ["/b"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rx"}]}, "network": {}}
+            {"cgroups": ["/b"], "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rx"}]}, "firewall": {}}
         ]}"#;
         let err = parse(text).unwrap_err();
         let shown: Vec<String> = err.0.iter().map(ToString::to_string).collect();
@@ -497,8 +505,97 @@ mod tests {
                 "policies[2]: it selects no cgroup: give \"cgroups\" (paths or globs) or \"workloads\" (agent run names)",
                 "policies[2].devices.rules[0]: \"permit\" is neither \"allow\" nor \"deny\"",
                 "policies[2].devices.rules[1]: a string is not {\"allow\": RULE} or {\"deny\": RULE}",
-                "policies[3].network: unknown field (known: name, cgroups, workloads, devices)",
+                "policies[3].firewall: unknown field (known: name, cgroups, workloads, devices, network)",
                 "policies[3].devices.rules[0]: access 'x' is none of r, w, m",
+            ]
+        );
+    }
+
+    #[test]
+    fn network_sections_parse_and_every_error_names_its_field() {
+        use network::{Cidr, Protocol, Rate};
+        let text = r#"{"version": 1, "policies": [{"cgroups": ["/web"], "network": {
+            "egress": {"default": "deny", "rules": [
+                {"allow": "10.0.0.0/8", "protocol": "tcp", "ports": "443"},
+                {"allow": "[fd00::/8]:53/udp"},
+                {"deny": "any", "protocol": "icmp"}],
+              "rate": "50mbit", "burst": "128k"},
+            "ingress": {"rate": "1gbit"},
+            "classid": "1:10", "mark": "0x2a"}}]}"#;
+        let file = parse(text).unwrap();
+        let network = file.policies[0].network.as_ref().unwrap();
+        let egress = network.egress.as_ref().unwrap();
+        assert_eq!(egress.default, Action::Deny);
+        assert_eq!(
+            egress
+                .rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "allow 10.0.0.0/8 tcp port 443",
+                "allow fd00::/8 udp port 53",
+                "deny any icmp"
+            ]
+        );
+        assert_eq!(egress.rules[1].cidr, Some(Cidr::parse("fd00::/8").unwrap()));
+        assert_eq!(egress.rules[2].protocol, Protocol::Icmp);
+        assert_eq!(
+            network.egress_rate,
+            Some(Rate {
+                bits_per_s: 50_000_000,
+                burst_bytes: 128 * 1024
+            })
+        );
+        assert_eq!(network.ingress, None, "a rate alone sets no rules");
+        assert_eq!(
+            network.ingress_rate,
+            Some(Rate {
+                bits_per_s: 1_000_000_000,
+                burst_bytes: 1_000_000_000 / 8 / 200
+            })
+        );
+        assert_eq!(
+            (network.classid, network.mark),
+            (Some(0x0001_0010), Some(42))
+        );
+
+        let text = r#"{"version": 1, "policies": [
+            {"cgroups": ["/a"], "network": {"egress": {"rules": [{"deny": "10.0.0.0/8"}]}}},
+            {"cgroups": ["/b"], "network": {"egress": {"default": "deny", "rules": [
+                {"deny": "10.0.0.0/33"}, {"allow": "10.0.0.0/8", "ports": "0"},
+                {"allow": "10.0.0.0/8", "deny": "10.0.0.0/8"}, {"allow": 7},
+                {"allow": "any", "protocol": "sctp"}, {"deny": "any", "protocol": "icmp", "ports": 80},
+                {"permit": "any"}]}}},
+            {"cgroups": ["/c"], "network": {"egress": {"rate": "fast", "burst": 10},
+                "ingress": {"burst": "64k"}, "classid": "1", "mark": -1, "qos": 1}},
+            {"cgroups": ["/d"], "network": {}}
+        ]}"#;
+        let shown: Vec<String> = parse(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "policies[0].network.egress: \"default\" is missing: say \"allow\" or \"deny\" for packets no rule matches",
+                "policies[1].network.egress.rules[0]: \"10.0.0.0/33\": prefix length \"33\" is not 0 to 32",
+                "policies[1].network.egress.rules[1].ports: ports \"0\" are not a port or a range such as 80 or 8000-9000",
+                "policies[1].network.egress.rules[2]: both \"allow\" and \"deny\": a rule has one action",
+                "policies[1].network.egress.rules[3]: the address is a number, not a string such as \"10.0.0.0/8\" or \"any\"",
+                "policies[1].network.egress.rules[4].protocol: protocol \"sctp\" is none of tcp, udp, icmp, any",
+                "policies[1].network.egress.rules[5]: icmp has no ports",
+                "policies[1].network.egress.rules[6].permit: unknown field (known: allow, deny, protocol, ports)",
+                "policies[1].network.egress.rules[6]: no action: give {\"allow\": CIDR} or {\"deny\": CIDR}",
+                "policies[2].network.qos: unknown field (known: egress, ingress, classid, mark)",
+                "policies[2].network.egress.rate: rate \"fast\" is not a rate such as 50mbit, 1gbit or 10mbps",
+                "policies[2].network.egress.burst: 10 is not a size of at least 1500 bytes such as \"64k\"",
+                "policies[2].network.ingress.burst: a burst without a \"rate\": give the rate too",
+                "policies[2].network.classid: classid \"1\" is not MAJOR:MINOR such as 1:10 (hex digits, as tc writes them)",
+                "policies[2].network.mark: -1 is not a 32-bit mark such as 42 or \"0x2a\"",
+                "policies[3].network: it sets nothing: give \"egress\", \"ingress\", \"classid\" or \"mark\"",
             ]
         );
     }

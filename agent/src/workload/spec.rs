@@ -79,6 +79,9 @@ pub struct RunSpec {
     pub keep: bool,
     /// The workload's device policy (`--device`, `--device-default`).
     pub devices: Option<crate::policy::DevicePolicy>,
+    /// The workload's network policy (`--net-allow`, `--net-deny`,
+    /// `--net-default`, `--egress-rate`, `--ingress-rate`, `--classid`).
+    pub network: Option<crate::policy::NetworkPolicy>,
     /// The program, resolved to a path (inside `rootfs` when given), then its arguments.
     pub program: PathBuf,
     pub command: Vec<OsString>,
@@ -102,7 +105,67 @@ pub struct RawRun {
     pub keep: bool,
     pub devices: Vec<String>,
     pub device_default: Option<crate::policy::Action>,
+    /// `--net-allow` and `--net-deny`, in command-line order.
+    pub net_rules: Vec<(crate::policy::Action, String)>,
+    pub net_default: Option<crate::policy::Action>,
+    pub egress_rate: Option<String>,
+    pub ingress_rate: Option<String>,
+    pub classid: Option<String>,
     pub command: Vec<OsString>,
+}
+
+/// The network policy the `agent run` flags ask for, if any. Rules are for
+/// egress, in command-line order; without `--net-default`, the default is
+/// deny when every rule is an allow (an allow list) and allow otherwise.
+fn network_policy(raw: &RawRun) -> Result<Option<crate::policy::NetworkPolicy>, SpecError> {
+    use crate::policy::{network, Action};
+    let bad = |message: String| SpecError(message);
+    let mut policy = crate::policy::NetworkPolicy::default();
+    let mut rules = Vec::new();
+    for (action, text) in &raw.net_rules {
+        let flag = if *action == Action::Allow {
+            "--net-allow"
+        } else {
+            "--net-deny"
+        };
+        rules.push(
+            network::parse_compact(text, *action)
+                .map_err(|m| bad(format!("{flag} {text:?}: {m}")))?,
+        );
+    }
+    if !rules.is_empty() || raw.net_default.is_some() {
+        let default =
+            raw.net_default
+                .unwrap_or(if rules.iter().all(|r| r.action == Action::Allow) {
+                    Action::Deny
+                } else {
+                    Action::Allow
+                });
+        let direction = network::Direction { default, rules };
+        network::compile(&direction).map_err(|m| bad(format!("--net-allow/--net-deny: {m}")))?;
+        policy.egress = Some(direction);
+    }
+    let rate = |flag: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|text| {
+                network::parse_rate(text)
+                    .map(|bits_per_s| network::Rate {
+                        bits_per_s,
+                        burst_bytes: network::default_burst(bits_per_s),
+                    })
+                    .map_err(|m| bad(format!("{flag}: {m}")))
+            })
+            .transpose()
+    };
+    policy.egress_rate = rate("--egress-rate", &raw.egress_rate)?;
+    policy.ingress_rate = rate("--ingress-rate", &raw.ingress_rate)?;
+    policy.classid = raw
+        .classid
+        .as_deref()
+        .map(network::parse_classid)
+        .transpose()
+        .map_err(|m| bad(format!("--classid: {m}")))?;
+    Ok((policy != crate::policy::NetworkPolicy::default()).then_some(policy))
 }
 
 /// Facts about the host the checks need.
@@ -383,6 +446,7 @@ impl RunSpec {
                 rules,
             })
         };
+        let network = network_policy(&raw)?;
         let rootfs = raw
             .rootfs
             .as_deref()
@@ -412,6 +476,7 @@ impl RunSpec {
             rootfs,
             keep: raw.keep,
             devices,
+            network,
             program,
             command: raw.command,
         })

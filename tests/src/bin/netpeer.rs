@@ -5,6 +5,17 @@
 //!   netpeer udp-send ADDR:PORT COUNT SIZE   send COUNT datagrams of SIZE bytes
 //!   netpeer tcp-recv ADDR:PORT BYTES        accept one connection, read BYTES, reply 1 byte
 //!   netpeer tcp-send ADDR:PORT BYTES        connect, send BYTES, read the reply
+//!   netpeer try PROTO:ADDR:PORT...          for each target, print the verdict:
+//!                                           `ok` or the errno's name (EPERM, ...);
+//!                                           tcp connects (one SYN retry), udp
+//!                                           sends one 100-byte datagram
+//!   netpeer listen ADDR:PORT                accept TCP connections until killed
+//!   netpeer udp-count ADDR:PORT MS          print how many datagrams arrive
+//!                                           within MS ms of `ready`
+//!   netpeer verdicts ALLOWED DENIED         until stdin closes, send a datagram
+//!                                           to each; print `sends N wrong W`
+//!                                           (W: sends whose verdict was not
+//!                                           ok and EPERM respectively)
 //!
 //! Receivers print `ready` once bound. Both TCP sides close only after the
 //! other side's FIN has arrived on a socket they still hold open, so every
@@ -34,7 +45,118 @@ fn number(text: Option<&String>, what: &str) -> Result<usize, String> {
         .map_err(|e| format!("{what}: {e}"))
 }
 
+/// The errno's name, as the tests expect it.
+fn errno_name(err: &std::io::Error) -> String {
+    err.raw_os_error().map_or_else(
+        || err.to_string(),
+        |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
+    )
+}
+
+/// The verdict of one `PROTO:ADDR:PORT` target (IPv6 in brackets).
+fn try_one(target: &str) -> Result<String, String> {
+    let (proto, addr) = target
+        .split_once(':')
+        .ok_or(format!("{target}: not PROTO:ADDR:PORT"))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{target}: {e}"))?;
+    let result = match proto {
+        "tcp" => {
+            let domain = if addr.is_ipv4() {
+                socket2_domain::V4
+            } else {
+                socket2_domain::V6
+            };
+            let fd = nix::sys::socket::socket(
+                domain,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+            // One SYN retry: a dropped SYN times out in about 3 s, not 2 min.
+            // SAFETY: setsockopt on a socket this function owns.
+            let one: libc::c_int = 1;
+            unsafe {
+                use std::os::fd::AsRawFd as _;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_SYNCNT,
+                    std::ptr::from_ref(&one).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            let storage = nix::sys::socket::SockaddrStorage::from(addr);
+            nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &storage)
+                .map_err(std::io::Error::from)
+        }
+        "udp" => {
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let socket = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+            socket.send_to(&[0x5a; 100], addr).map(|_| ())
+        }
+        other => return Err(format!("{target}: protocol {other} is not tcp or udp")),
+    };
+    Ok(match result {
+        Ok(()) => "ok".into(),
+        Err(err) => errno_name(&err),
+    })
+}
+
+/// Address families for nix's socket().
+mod socket2_domain {
+    pub const V4: nix::sys::socket::AddressFamily = nix::sys::socket::AddressFamily::Inet;
+    pub const V6: nix::sys::socket::AddressFamily = nix::sys::socket::AddressFamily::Inet6;
+}
+
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("try") {
+        for target in &args[1..] {
+            println!("{}", try_one(target)?);
+        }
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("verdicts") {
+        let parse = |i: usize| -> Result<SocketAddr, String> {
+            args.get(i)
+                .ok_or("usage: verdicts ALLOWED DENIED")?
+                .parse()
+                .map_err(|e| format!("{e}"))
+        };
+        let (allowed, denied) = (parse(1)?, parse(2)?);
+        let socket = UdpSocket::bind(if allowed.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })
+        .map_err(|e| e.to_string())?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        let (mut sends, mut wrong) = (0u64, 0u64);
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if socket.send_to(&[1; 64], allowed).is_err() {
+                wrong += 1;
+            }
+            match socket.send_to(&[2; 64], denied) {
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {}
+                _ => wrong += 1,
+            }
+            sends += 2;
+        }
+        let _ = watcher.join();
+        println!("sends {sends} wrong {wrong}");
+        return Ok(());
+    }
     let addr: SocketAddr = args
         .get(1)
         .ok_or("missing ADDR:PORT")?
@@ -141,6 +263,37 @@ fn run(args: &[String]) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(200));
             Ok(())
         }
-        _ => Err("usage: netpeer udp-recv|udp-send|tcp-recv|tcp-send ADDR:PORT ...".into()),
+        Some("listen") => {
+            let listener = TcpListener::bind(addr).map_err(io)?;
+            println!("ready");
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                held.push(stream.map_err(io)?);
+            }
+            Ok(())
+        }
+        Some("udp-count") => {
+            let ms = number(args.get(2), "MS")?;
+            let socket = UdpSocket::bind(addr).map_err(io)?;
+            println!("ready");
+            let deadline = std::time::Instant::now() + Duration::from_millis(ms as u64);
+            let mut buf = vec![0u8; 65536];
+            let mut count = 0u64;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                socket.set_read_timeout(Some(left)).map_err(io)?;
+                match socket.recv(&mut buf) {
+                    Ok(_) => count += 1,
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            println!("{count}");
+            Ok(())
+        }
+        _ => Err("usage: netpeer udp-recv|udp-send|tcp-recv|tcp-send|listen|udp-count ADDR:PORT ..., try TARGET..., verdicts ALLOWED DENIED".into()),
     }
 }

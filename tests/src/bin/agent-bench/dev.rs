@@ -71,7 +71,7 @@ enum Attached {
         _ebpf: aya::Ebpf,
     },
     Rules {
-        _guard: loader::DeviceGuard,
+        _guard: loader::WorkloadGuard,
         _maps: loader::DeviceMaps,
     },
 }
@@ -97,8 +97,12 @@ fn attach(mode: Mode, cgroup: &Cgroup) -> Result<Attached, String> {
             Ok(Attached::Empty { _ebpf: ebpf })
         }
         Mode::Rules(n) => {
-            let (guard, mut maps) =
-                loader::guard_devices(&cgroup.path, None).map_err(|e| e.to_string())?;
+            let guards = loader::Guards {
+                devices: true,
+                network: false,
+            };
+            let (guard, mut maps, _) =
+                loader::guard_workload(&cgroup.path, None, guards).map_err(|e| e.to_string())?;
             agent::enforce::set_for_run(
                 &mut maps,
                 cgroup.id(),

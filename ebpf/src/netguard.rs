@@ -1,0 +1,478 @@
+//! Network policy: cgroup_skb guard programs, one per direction, attached
+//! once (at the watched root by the daemon, or at a workload's cgroup by
+//! `agent run`). However often policies change, only the maps change.
+//!
+//! Per packet of a cgroup with a policy: classify (egress: `skb->priority`
+//! = class id, `skb->mark`), then the rules (one LPM trie lookup on the
+//! remote address, then at most `RULES_PER_PREFIX` compiled rules in
+//! order), then the bandwidth cap (a GCRA token bucket shared by all CPUs).
+//! A cgroup without a policy costs one hash lookup.
+//!
+//! These run beside the accounting programs, which count every packet the
+//! cgroup sends or receives, dropped or not; drops are counted here.
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, cgroup_sock_addr, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    programs::{SkBuffContext, SockAddrContext},
+};
+use common::{
+    events::{Event, EVENT_NET_DENIED, REASON_CONNECT, REASON_POLICY},
+    netpolicy::{
+        HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet, RateKey, RateSpec, RateState,
+        DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FLAG_CLASSID, FLAG_EGRESS_DENY,
+        FLAG_EGRESS_RULES, FLAG_INGRESS_DENY, FLAG_INGRESS_RULES, FLAG_MARK, KEY_HEADER_BITS,
+        PROTO_ICMP, PROTO_TCP, PROTO_UDP, RULES_PER_PREFIX, RULE_DEFAULT,
+    },
+    DEFAULT_MAX_CGROUPS,
+};
+use core::ptr::read_volatile;
+
+use crate::{
+    events,
+    slots::{atomic_add, cmpxchg},
+};
+
+/// cgroup_skb verdicts; bit 1 asks for congestion notification (egress).
+const DROP: i32 = 0;
+const PASS: i32 = 1;
+const DROP_CN: i32 = 2;
+const PASS_CN: i32 = 3;
+
+/// Address blocks of every rule version in force (and the previous ones
+/// until userspace drops them).
+const MAX_PREFIXES: u32 = 262_144;
+/// Rules (and defaults) with hit counters, across cgroups.
+const MAX_HITS: u32 = 65_536;
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[map(name = "NET_POLICY")]
+static NET_POLICY: HashMap<u64, NetPolicyRef> =
+    HashMap::with_max_entries(DEFAULT_MAX_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "NET_RULES")]
+static NET_RULES: LpmTrie<NetRuleKey, NetRuleSet> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+
+#[map(name = "NET_RATE")]
+static NET_RATE: HashMap<RateKey, RateState> =
+    HashMap::with_max_entries(DEFAULT_MAX_CGROUPS * 2, 0);
+
+#[map(name = "NET_DROPS")]
+static NET_DROPS: PerCpuHashMap<u64, NetDrops> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+#[map(name = "NET_HITS")]
+static NET_HITS: PerCpuHashMap<HitKey, Hits> = PerCpuHashMap::with_max_entries(MAX_HITS, 0);
+
+#[cgroup_skb(egress)]
+pub fn net_guard_egress(ctx: SkBuffContext) -> i32 {
+    guard(&ctx, DIR_EGRESS)
+}
+
+#[cgroup_skb(ingress)]
+pub fn net_guard_ingress(ctx: SkBuffContext) -> i32 {
+    guard(&ctx, DIR_INGRESS)
+}
+
+/// Refuses a `connect()` the egress rules deny: the caller gets EPERM at
+/// once (a dropped SYN alone would leave TCP retrying for minutes). The
+/// packet guards stay the backstop for everything sent otherwise.
+#[cgroup_sock_addr(connect4)]
+pub fn net_guard_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, FAMILY_V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn net_guard_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, FAMILY_V6)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
+    // The task's cgroup: connect() runs in the caller's context.
+    // SAFETY: a helper without arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: as in guard.
+    let Some(policy) = (unsafe { NET_POLICY.get(&id) }) else {
+        return PASS;
+    };
+    if policy.flags & FLAG_EGRESS_RULES == 0 {
+        return PASS;
+    }
+    let address = ctx.sock_addr;
+    let mut packet = Packet {
+        family,
+        protocol: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+    };
+    // SAFETY: the context is the kernel's bpf_sock_addr; fields read whole.
+    unsafe {
+        let protocol = (*address).protocol as u8;
+        packet.protocol = if protocol == IPPROTO_ICMPV6 {
+            PROTO_ICMP
+        } else {
+            protocol
+        };
+        // user_port holds the port in network order in its low 16 bits.
+        packet.dst_port = u16::from_be((*address).user_port as u16);
+        if family == FAMILY_V4 {
+            packet.dst[..4].copy_from_slice(&(*address).user_ip4.to_ne_bytes());
+        } else {
+            let words = [
+                (*address).user_ip6[0],
+                (*address).user_ip6[1],
+                (*address).user_ip6[2],
+                (*address).user_ip6[3],
+            ];
+            if words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
+                // An IPv4-mapped address: its packets are IPv4.
+                packet.family = FAMILY_V4;
+                packet.dst[..4].copy_from_slice(&words[3].to_ne_bytes());
+            } else {
+                for (i, word) in words.iter().enumerate() {
+                    packet.dst[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+                }
+            }
+        }
+    }
+    if packet.protocol != PROTO_TCP && packet.protocol != PROTO_UDP {
+        packet.dst_port = 0;
+    }
+    let (allow, rule) = decide(
+        policy,
+        DIR_EGRESS,
+        &packet,
+        policy.flags & FLAG_EGRESS_DENY == 0,
+    );
+    if allow {
+        return PASS;
+    }
+    count_drop(id, |d| unsafe { &raw mut (*d).refused_connects }, None);
+    report(id, DIR_EGRESS, rule, &packet, REASON_CONNECT, true);
+    DROP
+}
+
+/// What the headers say about a packet.
+struct Packet {
+    family: u8,
+    protocol: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+}
+
+#[inline(always)]
+fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
+    // SAFETY: the context pointer is the program's own __sk_buff.
+    let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: plain data read; the map does not preallocate, so an entry
+    // replaced meanwhile stays whole until this program is done (RCU).
+    let Some(policy) = (unsafe { NET_POLICY.get(&id) }) else {
+        return PASS;
+    };
+    let len = u64::from(ctx.len());
+    let egress = direction == DIR_EGRESS;
+    if egress {
+        // SAFETY: priority and mark are writable for cgroup_skb.
+        unsafe {
+            if policy.flags & FLAG_CLASSID != 0 {
+                (*ctx.skb.skb).priority = policy.classid;
+            }
+            if policy.flags & FLAG_MARK != 0 {
+                (*ctx.skb.skb).mark = policy.mark;
+            }
+        }
+    }
+    let (rules, deny) = if egress {
+        (FLAG_EGRESS_RULES, FLAG_EGRESS_DENY)
+    } else {
+        (FLAG_INGRESS_RULES, FLAG_INGRESS_DENY)
+    };
+    if policy.flags & rules != 0 {
+        if let Some(packet) = parse(ctx) {
+            let (allow, rule) = decide(policy, direction, &packet, policy.flags & deny == 0);
+            count_hit(id, direction, rule, len);
+            if !allow {
+                denied(id, direction, rule, &packet, len);
+                return DROP;
+            }
+        }
+    }
+    let rate = if egress {
+        &policy.egress_rate
+    } else {
+        &policy.ingress_rate
+    };
+    if rate.ns_per_byte_q16 == 0 {
+        return PASS;
+    }
+    match limit(id, direction, rate, len) {
+        Verdict::Pass => PASS,
+        Verdict::Mark => {
+            count_drop(id, |d| unsafe { &raw mut (*d).rate_marked }, None);
+            // Only egress may ask for congestion notification.
+            if egress {
+                PASS_CN
+            } else {
+                PASS
+            }
+        }
+        Verdict::Drop => {
+            count_drop(
+                id,
+                |d| unsafe { &raw mut (*d).rate_packets },
+                Some((|d| unsafe { &raw mut (*d).rate_bytes }, len)),
+            );
+            if egress {
+                DROP_CN
+            } else {
+                DROP
+            }
+        }
+    }
+}
+
+/// Reads the IP header and, for the first fragment of TCP and UDP, the
+/// ports. Extension headers of IPv6 are not walked: a packet with one
+/// matches rules of protocol `any` without ports only.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    let first: u8 = ctx.load(0).ok()?;
+    let mut packet = Packet {
+        family: 0,
+        protocol: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+    };
+    let (ports_at, fragment) = match first >> 4 {
+        4 => {
+            let header: [u8; 20] = ctx.load(0).ok()?;
+            packet.family = FAMILY_V4;
+            packet.protocol = header[9];
+            packet.src[..4].copy_from_slice(&header[12..16]);
+            packet.dst[..4].copy_from_slice(&header[16..20]);
+            let offset = (u16::from(header[6] & 0x1f) << 8) | u16::from(header[7]);
+            (usize::from(header[0] & 0x0f) * 4, offset != 0)
+        }
+        6 => {
+            let header: [u8; 40] = ctx.load(0).ok()?;
+            packet.family = FAMILY_V6;
+            packet.protocol = if header[6] == IPPROTO_ICMPV6 {
+                PROTO_ICMP
+            } else {
+                header[6]
+            };
+            packet.src.copy_from_slice(&header[8..24]);
+            packet.dst.copy_from_slice(&header[24..40]);
+            (40, false)
+        }
+        _ => return None,
+    };
+    if !fragment && (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
+        if let Ok(ports) = ctx.load::<[u8; 4]>(ports_at) {
+            packet.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            packet.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+    }
+    Some(packet)
+}
+
+/// The first rule (of the longest prefix holding the remote address) that
+/// matches the protocol and the destination port; else the default.
+#[inline(always)]
+fn decide(
+    policy: &NetPolicyRef,
+    direction: u8,
+    packet: &Packet,
+    default_allow: bool,
+) -> (bool, u16) {
+    let addr = if direction == DIR_EGRESS {
+        packet.dst
+    } else {
+        packet.src
+    };
+    let bits = if packet.family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        KEY_HEADER_BITS + bits,
+        NetRuleKey {
+            version: policy.version,
+            direction,
+            family: packet.family,
+            _pad: 0,
+            addr,
+        },
+    );
+    // Trie entries are RCU-freed: a replaced one stays whole meanwhile.
+    let Some(set) = NET_RULES.get(&key) else {
+        return (default_allow, RULE_DEFAULT);
+    };
+    let port = packet.dst_port;
+    for i in 0..RULES_PER_PREFIX {
+        if i as u32 >= set.count {
+            break;
+        }
+        let rule = &set.rules[i];
+        if (rule.protocol == 0 || rule.protocol == packet.protocol)
+            && port >= rule.port_low
+            && port <= rule.port_high
+        {
+            return (rule.allow != 0, rule.index);
+        }
+    }
+    (default_allow, RULE_DEFAULT)
+}
+
+enum Verdict {
+    Pass,
+    /// Over the rate but inside the notification band (egress only).
+    Mark,
+    Drop,
+}
+
+/// GCRA: a packet conforms while the bucket's theoretical arrival time is at
+/// most `burst` ahead of now; a conforming packet moves it on by its cost.
+/// Up to `drop` ahead, packets pass marked for congestion notification
+/// (egress; userspace makes the band empty for ingress).
+#[inline(always)]
+fn limit(id: u64, direction: u8, rate: &RateSpec, len: u64) -> Verdict {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = RateKey {
+        cgroup_id: id,
+        direction: u32::from(direction),
+        _pad: 0,
+    };
+    let state = match NET_RATE.get_ptr_mut(&key) {
+        Some(state) => state,
+        None => {
+            let _ = NET_RATE.insert(&key, &RateState { tat_ns: now }, u64::from(BPF_NOEXIST));
+            match NET_RATE.get_ptr_mut(&key) {
+                Some(state) => state,
+                None => return Verdict::Pass,
+            }
+        }
+    };
+    let cost = (len * rate.ns_per_byte_q16) >> 16;
+    let band = rate.drop_ns;
+    // SAFETY: a map value shared by every CPU: read once, replaced only by
+    // compare-and-exchange.
+    let tat_field = unsafe { &raw mut (*state).tat_ns };
+    for _ in 0..4 {
+        // SAFETY: as above.
+        let tat = unsafe { read_volatile(tat_field) };
+        let base = if tat > now { tat } else { now };
+        let ahead = base - now;
+        if ahead > band {
+            return Verdict::Drop;
+        }
+        // SAFETY: as above.
+        if unsafe { cmpxchg(tat_field, tat, base + cost) } == tat {
+            return if ahead > rate.burst_ns {
+                Verdict::Mark
+            } else {
+                Verdict::Pass
+            };
+        }
+    }
+    // Contended four times over: charge it anyway, and let it pass.
+    // SAFETY: as above.
+    unsafe { atomic_add(tat_field, cost) };
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn count_hit(id: u64, direction: u8, rule: u16, len: u64) {
+    let key = HitKey {
+        cgroup_id: id,
+        direction,
+        _pad: 0,
+        rule,
+        _pad2: 0,
+    };
+    let hits = match NET_HITS.get_ptr_mut(&key) {
+        Some(hits) => hits,
+        None => {
+            let _ = NET_HITS.insert(&key, &Hits::default(), u64::from(BPF_NOEXIST));
+            match NET_HITS.get_ptr_mut(&key) {
+                Some(hits) => hits,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this CPU's value; atomic, as egress can nest in egress.
+    unsafe {
+        atomic_add(&raw mut (*hits).packets, 1);
+        atomic_add(&raw mut (*hits).bytes, len);
+    }
+}
+
+/// Adds one to a drop counter of `id` (and `bytes.1` to `bytes.0`).
+#[inline(always)]
+fn count_drop(
+    id: u64,
+    field: fn(*mut NetDrops) -> *mut u64,
+    bytes: Option<(fn(*mut NetDrops) -> *mut u64, u64)>,
+) {
+    let drops = match NET_DROPS.get_ptr_mut(&id) {
+        Some(drops) => drops,
+        None => {
+            let _ = NET_DROPS.insert(&id, &NetDrops::default(), u64::from(BPF_NOEXIST));
+            match NET_DROPS.get_ptr_mut(&id) {
+                Some(drops) => drops,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this CPU's value; atomic, as egress can nest in egress.
+    unsafe {
+        atomic_add(field(drops), 1);
+        if let Some((field, len)) = bytes {
+            atomic_add(field(drops), len);
+        }
+    }
+}
+
+/// Counts a packet the rules denied, and reports it (rate-limited).
+#[inline(never)]
+fn denied(id: u64, direction: u8, rule: u16, packet: &Packet, len: u64) {
+    count_drop(
+        id,
+        |d| unsafe { &raw mut (*d).policy_packets },
+        Some((|d| unsafe { &raw mut (*d).policy_bytes }, len)),
+    );
+    // The task is the sender only when it is of the packet's cgroup: egress
+    // from process context. Received packets have no task.
+    // SAFETY: a helper without arguments.
+    let task = direction == DIR_EGRESS && unsafe { bpf_get_current_cgroup_id() } == id;
+    report(id, direction, rule, packet, REASON_POLICY, task);
+}
+
+/// Sends a denial event, or counts it as suppressed.
+#[inline(always)]
+fn report(id: u64, direction: u8, rule: u16, packet: &Packet, reason: u8, task: bool) {
+    let event = Event {
+        kind: EVENT_NET_DENIED,
+        cgroup_id: id,
+        net_family: packet.family,
+        net_protocol: packet.protocol,
+        net_direction: direction,
+        net_reason: reason,
+        net_rule: rule,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        src_addr: packet.src,
+        dst_addr: packet.dst,
+        ..Event::ZERO
+    };
+    if !events::send(event, task) {
+        count_drop(id, |d| unsafe { &raw mut (*d).suppressed }, None);
+    }
+}
