@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "procps",
     "linux-perf",
+    // `bench net`'s per-cgroup iptables rules (nf_tables backend, xt cgroup match).
+    "iptables",
 ];
 
 /// Checks each requirement, installs what is missing, and says in one

@@ -4,13 +4,15 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(Subcommand, Clone)]
 pub enum Which {
     /// iperf3 TCP and 64-byte UDP over veth, with no program, an empty program
-    /// and the accounting programs, interleaved; ns per program run.
-    Net(Common),
+    /// and the accounting programs, interleaved; ns per program run; network
+    /// policies of 10 to 100,000 rules; the bandwidth caps' accuracy;
+    /// iptables cgroup rules against the agent at 10 to 1,000 cgroups.
+    Net(Net),
     /// perf bench sched pipe and messaging with no program, empty programs and
     /// the scheduler accounting; ns per run; the daemon's CPU at 10 to 1,000
     /// cgroups against polling cgroup files.
@@ -30,11 +32,48 @@ pub struct Common {
     repeats: u32,
 }
 
+#[derive(Args, Clone)]
+pub struct Net {
+    #[command(flatten)]
+    common: Common,
+    /// Run only these sections (comma-separated; all by default). The table
+    /// then goes to net-SECTIONS-DATE.md.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<NetSection>,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum NetSection {
+    /// No program, an empty program and the accounting programs; ns per run.
+    Throughput,
+    /// Network policies of 10, 1,000 and 100,000 rules; ns per packet.
+    Policy,
+    /// Bandwidth caps: measured / cap, retransmits.
+    Rate,
+    /// iptables cgroup rules against the agent at 10, 100 and 1,000 cgroups.
+    Iptables,
+}
+
+impl NetSection {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Throughput => "throughput",
+            Self::Policy => "policy",
+            Self::Rate => "rate",
+            Self::Iptables => "iptables",
+        }
+    }
+}
+
 pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
-    let (name, common) = match &which {
-        Which::Net(common) => ("net", common),
-        Which::Sched(common) => ("sched", common),
-        Which::Dev(common) => ("dev", common),
+    let (name, common, only) = match &which {
+        Which::Net(net) => (
+            "net",
+            &net.common,
+            net.only.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        ),
+        Which::Sched(common) => ("sched", common, Vec::new()),
+        Which::Dev(common) => ("dev", common, Vec::new()),
     };
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
@@ -43,7 +82,12 @@ pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
     let date = String::from_utf8_lossy(&date.stdout).trim().to_owned();
     let results = root.join("bench/results");
     std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
-    let out = results.join(format!("{name}-{date}.md"));
+    let file = if only.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}-{}", only.join("-"))
+    };
+    let out = results.join(format!("{file}-{date}.md"));
     let bench = agent.with_file_name("agent-bench");
     let status = Command::new(&bench)
         .arg(name)
@@ -53,6 +97,11 @@ pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
             "--repeats",
             &common.repeats.to_string(),
         ])
+        .args(if only.is_empty() {
+            Vec::new()
+        } else {
+            vec!["--only".to_owned(), only.join(",")]
+        })
         .arg("--out")
         .arg(&out)
         .env("AGENT_BIN", agent)

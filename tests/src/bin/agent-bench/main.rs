@@ -3,8 +3,12 @@
 //! run, and prints a table of medians and ratios.
 
 mod dev;
+mod iperf;
+mod iptables;
 mod measure;
 mod net;
+mod netpolicy;
+mod netrate;
 mod sched;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -24,6 +28,8 @@ pub struct Options {
     pub seconds: u32,
     pub repeats: usize,
     pub out: Option<PathBuf>,
+    /// `net --only`: the sections to run (all when empty).
+    pub only: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<(String, Options), String> {
@@ -31,6 +37,7 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
         seconds: 5,
         repeats: 5,
         out: None,
+        only: Vec::new(),
     };
     let mut which = None;
     let mut args = args.iter();
@@ -48,6 +55,13 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
                     .map_err(|e| format!("--repeats: {e}"))?
             }
             "--out" => options.out = Some(PathBuf::from(value("--out")?)),
+            "--only" => options.only.extend(
+                value("--only")?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            ),
             name if which.is_none() && !name.starts_with('-') => which = Some(name.to_owned()),
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -56,13 +70,19 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
         return Err("--repeats and --seconds must be at least 1".into());
     }
     Ok((
-        which.ok_or("usage: agent-bench net|sched [--seconds N] [--repeats N] [--out FILE]")?,
+        which.ok_or(
+            "usage: agent-bench net|sched|dev [--seconds N] [--repeats N] [--out FILE] \
+             [--only SECTION,...] (net: throughput, policy, rate, iptables)",
+        )?,
         options,
     ))
 }
 
 fn run(args: &[String]) -> Result<(), String> {
     let (which, options) = parse(args)?;
+    if which != "net" && !options.only.is_empty() {
+        return Err(format!("--only is for the net benchmark, not {which}"));
+    }
     match which.as_str() {
         "net" => net::run(&options),
         "sched" => sched::run(&options),

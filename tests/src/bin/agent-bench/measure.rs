@@ -78,6 +78,25 @@ pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
     median(&ratios)
 }
 
+/// Ids of the programs attached directly to `cgroup` at `hook` (bpftool's
+/// attach type, `cgroup_inet_egress`; older bpftools say `egress`).
+pub fn attached_ids(cgroup: &std::path::Path, hook: &str) -> Vec<u32> {
+    let out = agent_tests::run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.display().to_string()],
+    );
+    let attached: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let short = hook.rsplit('_').next().unwrap_or(hook);
+    attached
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["attach_type"] == hook || p["attach_type"] == short)
+        .filter_map(|p| p["id"].as_u64())
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect()
+}
+
 /// Run time and count of the loaded programs with these ids.
 pub fn program_stats_by_id(ids: &[u32]) -> (u64, u64) {
     let mut time = 0;

@@ -1,25 +1,122 @@
 //! `agent-bench net`: iperf3 between two network namespaces joined by veth,
-//! client and server each in a cgroup under a benchmark root, in three modes
-//! interleaved run by run: no program, an empty cgroup_skb program (ingress
-//! and egress) attached at the root, and the real `agent daemon` attached at
-//! the root. Medians of the repeats, ratios to no program, and each program's
-//! ns per run from `kernel.bpf_stats_enabled` (measured in separate runs,
-//! since the stats themselves cost time on every run).
+//! client and server each in a cgroup under a benchmark root. Sections (all
+//! by default; `--only` picks, comma-separated):
+//!
+//! - `throughput` (here): three modes interleaved run by run: no program, an
+//!   empty cgroup_skb program (ingress and egress) attached at the root, and
+//!   the real `agent daemon` attached at the root; and each program's ns per
+//!   run from `kernel.bpf_stats_enabled` (measured in separate runs, since
+//!   the stats themselves cost time on every run).
+//! - `policy` (`netpolicy.rs`): network policies of 10 to 100,000 rules.
+//! - `rate` (`netrate.rs`): the bandwidth caps' accuracy.
+//! - `iptables` (`iptables.rs`): per-cgroup accounting by iptables rules
+//!   beside the agent's, at 10 to 1,000 cgroups.
 
-use std::{
-    fmt::Write as _,
-    fs,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{fmt::Write as _, fs, path::Path};
 
 use agent_tests::{Cgroup, Daemon, VethPair};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 
 use crate::{
+    iperf::Iperf,
+    iptables,
     measure::{self, paired_ratio, program_stats, spread, BpfStats},
-    Options,
+    netpolicy, netrate, Options,
 };
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Throughput,
+    Policy,
+    Rate,
+    Iptables,
+}
+
+impl Section {
+    const ALL: [Self; 4] = [Self::Throughput, Self::Policy, Self::Rate, Self::Iptables];
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Throughput => "throughput",
+            Self::Policy => "policy",
+            Self::Rate => "rate",
+            Self::Iptables => "iptables",
+        }
+    }
+
+    /// The sections `--only` names, in this order; all when it names none.
+    fn selected(only: &[String]) -> Result<Vec<Self>, String> {
+        for name in only {
+            if !Self::ALL.iter().any(|s| s.name() == name) {
+                return Err(format!(
+                    "--only {name:?}: no such section (known: throughput, policy, rate, iptables)"
+                ));
+            }
+        }
+        Ok(Self::ALL
+            .into_iter()
+            .filter(|s| only.is_empty() || only.iter().any(|name| name == s.name()))
+            .collect())
+    }
+}
+
+pub fn run(options: &Options) -> Result<(), String> {
+    let sections = Section::selected(&options.only)?;
+    agent_tests::require_root();
+    let pair = VethPair::new();
+    let iperf = Iperf { pair: &pair };
+    let name = if options.only.is_empty() {
+        "net".to_owned()
+    } else {
+        let names: Vec<&str> = sections.iter().map(|s| s.name()).collect();
+        format!("net --only {}", names.join(","))
+    };
+    let mut table = measure::preamble(&name);
+    let _ = writeln!(
+        table,
+        "iperf3 between two network namespaces over veth (client on CPU 0, server on CPU 1), each in a \
+         cgroup under a benchmark root of the section's own. Modes interleaved run by run, {} repeats of \
+         {} s after a warm-up. Cells: median (min to max). Ratios: median of the ratios within each \
+         repeat, so that the host's drift between repeats cancels.",
+        options.repeats, options.seconds
+    );
+    for section in sections {
+        eprintln!("section {}", section.name());
+        let text = match section {
+            Section::Throughput => throughput(&iperf, options)?,
+            Section::Policy => netpolicy::run(&iperf, options)?,
+            Section::Rate => netrate::run(&iperf, options)?,
+            Section::Iptables => iptables::run(&iperf, options)?,
+        };
+        let _ = writeln!(table);
+        table.push_str(&text);
+    }
+    measure::publish(&table, options.out.as_deref())
+}
+
+/// Loads the empty cgroup_skb program and attaches it to `cgroup` at ingress
+/// and egress; dropping the returned object detaches it.
+pub fn attach_empty(cgroup: &Path) -> Result<aya::Ebpf, String> {
+    let mut ebpf = aya::EbpfLoader::new()
+        .allow_unsupported_maps()
+        .load(agent::loader::EBPF_OBJECT)
+        .map_err(|e| format!("loading the eBPF object: {e}"))?;
+    let program: &mut CgroupSkb = ebpf
+        .program_mut(common::programs::NET_EMPTY)
+        .ok_or("net_empty is missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    program
+        .load()
+        .map_err(|e| format!("loading net_empty: {e}"))?;
+    let dir = fs::File::open(cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
+    for hook in [CgroupSkbAttachType::Ingress, CgroupSkbAttachType::Egress] {
+        program
+            .attach(&dir, hook, CgroupAttachMode::Single)
+            .map_err(|e| format!("attaching net_empty to {}: {e}", cgroup.display()))?;
+    }
+    Ok(ebpf)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -40,13 +137,6 @@ impl Mode {
     }
 }
 
-struct Bench {
-    root: Cgroup,
-    client: Cgroup,
-    server: Cgroup,
-    pair: VethPair,
-}
-
 /// Programs attached for one mode; dropping detaches them (held, never read).
 enum Attachment {
     None,
@@ -54,144 +144,29 @@ enum Attachment {
     Accounting { _daemon: Daemon },
 }
 
-impl Bench {
-    fn attach(&self, mode: Mode) -> Result<Attachment, String> {
-        match mode {
-            Mode::None => Ok(Attachment::None),
-            Mode::Accounting => Ok(Attachment::Accounting {
-                _daemon: Daemon::start(&self.root.path, &[]),
-            }),
-            Mode::Empty => {
-                let mut ebpf =
-                    aya::Ebpf::load(agent::loader::EBPF_OBJECT).map_err(|e| e.to_string())?;
-                let program: &mut CgroupSkb = ebpf
-                    .program_mut(common::programs::NET_EMPTY)
-                    .ok_or("net_empty is missing from the object")?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-                program.load().map_err(|e| e.to_string())?;
-                let cgroup = fs::File::open(&self.root.path).map_err(|e| e.to_string())?;
-                for hook in [CgroupSkbAttachType::Ingress, CgroupSkbAttachType::Egress] {
-                    program
-                        .attach(&cgroup, hook, CgroupAttachMode::Single)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(Attachment::Empty { _ebpf: ebpf })
-            }
-        }
-    }
-
-    fn iperf3_server(&self) -> Child {
-        let mut server = self
-            .server
-            .command("iperf3", Some(&self.pair.b))
-            .args([
-                "-s",
-                "-1",
-                "-B",
-                &self.pair.b_addr,
-                "-p",
-                "5201",
-                "--forceflush",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start iperf3 server");
-        // Wait for "Server listening", then keep draining so it never blocks on a full pipe.
-        let stdout = server.stdout.take().expect("piped stdout");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.starts_with("Server listening") {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("iperf3 server did not start");
-        server
-    }
-
-    /// One iperf3 run; returns its JSON report.
-    fn iperf3(&self, extra: &[&str], seconds: u32) -> Result<serde_json::Value, String> {
-        let mut server = self.iperf3_server();
-        let output = self
-            .client
-            .command("iperf3", Some(&self.pair.a))
-            .args([
-                "-c",
-                &self.pair.b_addr,
-                "-p",
-                "5201",
-                "-J",
-                "-A",
-                "0,1",
-                "-t",
-                &seconds.to_string(),
-            ])
-            .args(extra)
-            .output();
-        if output.is_err() {
-            let _ = server.kill();
-        }
-        let _ = server.wait();
-        let output = output.map_err(|e| format!("iperf3 client: {e}"))?;
-        let report: serde_json::Value =
-            serde_json::from_slice(&output.stdout).map_err(|e| format!("iperf3 JSON: {e}"))?;
-        if let Some(error) = report.get("error") {
-            return Err(format!("iperf3: {error}"));
-        }
-        Ok(report)
-    }
-
-    /// TCP throughput received, in Gbit/s.
-    fn tcp(&self, seconds: u32) -> Result<f64, String> {
-        let report = self.iperf3(&[], seconds)?;
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|bps| bps / 1e9)
-            .ok_or_else(|| "iperf3 report has no end.sum_received".into())
-    }
-
-    /// 64-byte UDP datagrams received per second, in thousands.
-    fn udp64(&self, seconds: u32) -> Result<f64, String> {
-        let report = self.iperf3(&["-u", "-b", "0", "-l", "64"], seconds)?;
-        let sum = &report["end"]["sum"];
-        let (packets, lost, secs) = (
-            sum["packets"].as_f64(),
-            sum["lost_packets"].as_f64(),
-            sum["seconds"].as_f64(),
-        );
-        match (packets, lost, secs) {
-            (Some(packets), Some(lost), Some(secs)) if secs > 0.0 => {
-                Ok((packets - lost) / secs / 1e3)
-            }
-            _ => Err("iperf3 report has no end.sum packets".into()),
-        }
-    }
+fn attach(root: &Cgroup, mode: Mode) -> Result<Attachment, String> {
+    Ok(match mode {
+        Mode::None => Attachment::None,
+        Mode::Accounting => Attachment::Accounting {
+            _daemon: Daemon::start(&root.path, &[]),
+        },
+        Mode::Empty => Attachment::Empty {
+            _ebpf: attach_empty(&root.path)?,
+        },
+    })
 }
 
-pub fn run(options: &Options) -> Result<(), String> {
-    agent_tests::require_root();
+/// The no program / empty program / accounting table.
+fn throughput(iperf: &Iperf, options: &Options) -> Result<String, String> {
     let root = Cgroup::new_root("agent-bench-net");
-    let bench = Bench {
-        client: root.child("client"),
-        server: root.child("server"),
-        root,
-        pair: VethPair::new(),
-    };
+    let client = root.child("client");
+    let server = root.child("server");
     let seconds = options.seconds;
     eprintln!("warm-up: one run of each test in each mode");
     for mode in Mode::ALL {
-        let _attached = bench.attach(mode)?;
-        bench.tcp(1)?;
-        bench.udp64(1)?;
+        let _attached = attach(&root, mode)?;
+        iperf.tcp(&client, &server, 1)?;
+        iperf.udp64(&client, &server, 1, false)?;
     }
 
     let mut tcp = [vec![], vec![], vec![]];
@@ -203,9 +178,9 @@ pub fn run(options: &Options) -> Result<(), String> {
                 options.repeats,
                 mode.label()
             );
-            let _attached = bench.attach(mode)?;
-            tcp[i].push(bench.tcp(seconds)?);
-            udp[i].push(bench.udp64(seconds)?);
+            let _attached = attach(&root, mode)?;
+            tcp[i].push(iperf.tcp(&client, &server, seconds)?);
+            udp[i].push(iperf.udp64(&client, &server, seconds, false)?);
             eprintln!(
                 "  TCP {:.2} Gbit/s, UDP {:.0} kpps",
                 tcp[i][tcp[i].len() - 1],
@@ -223,10 +198,10 @@ pub fn run(options: &Options) -> Result<(), String> {
     for repeat in 1..=ns_repeats {
         for (i, mode) in [Mode::Empty, Mode::Accounting].into_iter().enumerate() {
             eprintln!("repeat {repeat}/{ns_repeats}: ns per run, {}", mode.label());
-            let _attached = bench.attach(mode)?;
-            let before = program_stats(&bench.root.path);
-            bench.udp64(ns_seconds)?;
-            let after = program_stats(&bench.root.path);
+            let _attached = attach(&root, mode)?;
+            let before = program_stats(&root.path);
+            iperf.udp64(&client, &server, ns_seconds, false)?;
+            let after = program_stats(&root.path);
             let runs = after.1.saturating_sub(before.1);
             if runs == 0 {
                 return Err(format!("{}: the programs did not run", mode.label()));
@@ -237,17 +212,14 @@ pub fn run(options: &Options) -> Result<(), String> {
     }
     drop(stats);
 
-    let mut table = measure::preamble("net");
+    let mut table = String::new();
+    let _ = writeln!(table, "## Accounting programs at the root");
+    let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "iperf3 between two network namespaces over veth (client on CPU 0, server on \
-         CPU 1), each in a cgroup under the benchmark root; programs attached at that root. Modes \
-         interleaved run by run, {} repeats of {seconds} s after a warm-up. Cells: median (min to max). \
-         Ratios: median of the ratios within each repeat, so that the host's drift between repeats \
-         cancels. ns per run: kernel.bpf_stats_enabled=1 during {ns_repeats} separate interleaved \
-         {ns_seconds} s runs of the UDP load per mode (one program run per packet per hook; the figure \
-         includes the kernel's own cost of timing each run).",
-        options.repeats,
+        "Programs attached at the benchmark root. ns per run: kernel.bpf_stats_enabled=1 during \
+         {ns_repeats} separate interleaved {ns_seconds} s runs of the UDP load per mode (one program run \
+         per packet per hook; the figure includes the kernel's own cost of timing each run).",
     );
     let _ = writeln!(table);
     let _ = writeln!(
@@ -279,5 +251,5 @@ pub fn run(options: &Options) -> Result<(), String> {
         spread(&ns[1], 1),
         paired_ratio(&ns[1], &ns[0])
     );
-    measure::publish(&table, options.out.as_deref())
+    Ok(table)
 }
