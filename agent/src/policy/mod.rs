@@ -552,8 +552,9 @@ mod tests {
             network.ingress_rate,
             Some(Rate {
                 bits_per_s: 1_000_000_000,
-                burst_bytes: 1_000_000_000 / 8 / 200
-            })
+                burst_bytes: 1_000_000_000 / 8 / 50
+            }),
+            "ingress: 20 ms at the rate"
         );
         assert_eq!(
             (network.classid, network.mark),

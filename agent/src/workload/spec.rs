@@ -145,20 +145,20 @@ fn network_policy(raw: &RawRun) -> Result<Option<crate::policy::NetworkPolicy>, 
         network::compile(&direction).map_err(|m| bad(format!("--net-allow/--net-deny: {m}")))?;
         policy.egress = Some(direction);
     }
-    let rate = |flag: &str, text: &Option<String>| {
+    let rate = |flag: &str, text: &Option<String>, egress: bool| {
         text.as_deref()
             .map(|text| {
                 network::parse_rate(text)
                     .map(|bits_per_s| network::Rate {
                         bits_per_s,
-                        burst_bytes: network::default_burst(bits_per_s),
+                        burst_bytes: network::default_burst(bits_per_s, egress),
                     })
                     .map_err(|m| bad(format!("{flag}: {m}")))
             })
             .transpose()
     };
-    policy.egress_rate = rate("--egress-rate", &raw.egress_rate)?;
-    policy.ingress_rate = rate("--ingress-rate", &raw.ingress_rate)?;
+    policy.egress_rate = rate("--egress-rate", &raw.egress_rate, true)?;
+    policy.ingress_rate = rate("--ingress-rate", &raw.ingress_rate, false)?;
     policy.classid = raw
         .classid
         .as_deref()

@@ -22,15 +22,17 @@ use crate::{
 };
 
 /// The caps: bits per second, egress (else ingress), and a burst in bytes
-/// other than the default. The ingress cap also with a larger burst: with
-/// the default, a received 64 KiB GRO packet takes the whole burst.
-const CAPS: [(u64, bool, Option<u64>); 6] = [
+/// other than the default. The ingress cap also with the egress default
+/// burst, to show why ingress has its own: a received 64 KiB segment-
+/// offload packet takes the whole of it.
+const CAPS: [(u64, bool, Option<u64>); 7] = [
     (10_000_000, true, None),
     (50_000_000, true, None),
     (200_000_000, true, None),
     (1_000_000_000, true, None),
     (50_000_000, false, None),
-    (50_000_000, false, Some(1 << 20)),
+    (200_000_000, false, None),
+    (50_000_000, false, Some(64 << 10)),
 ];
 
 struct Cap {
@@ -49,7 +51,7 @@ impl Cap {
     ) -> Result<Self, String> {
         let rate = Some(Rate {
             bits_per_s,
-            burst_bytes: burst.unwrap_or_else(|| default_burst(bits_per_s)),
+            burst_bytes: burst.unwrap_or_else(|| default_burst(bits_per_s, egress)),
         });
         let policy = if egress {
             NetworkPolicy {
@@ -149,9 +151,10 @@ pub fn run(iperf: &Iperf, options: &Options) -> Result<String, String> {
     let _ = writeln!(
         table,
         "iperf3 TCP (one stream, {seconds} s runs, caps interleaved run by run, {} repeats) from a \
-         cgroup whose policy is only a cap, with the default burst (5 ms at the rate, at least 64 KiB), \
-         installed as `agent run --egress-rate` does. Egress caps: the capped cgroup's client sends; \
-         the ingress cap: it receives (iperf3 -R). \"received / cap\": the receiver's total over the \
+         cgroup whose policy is only a cap, with the default burst (egress: 5 ms at the rate, at \
+         least 64 KiB; ingress: 20 ms, at least 1 MiB) unless the row gives one, installed as `agent \
+         run --egress-rate`/`--ingress-rate` do. Egress caps: the capped cgroup's client sends; \
+         ingress caps: it receives (iperf3 -R), and drops are the only signal the sender gets. \"received / cap\": the receiver's total over the \
          run, which includes the one-time burst and, on egress, up to 250 ms of over-rate traffic \
          passed with congestion notification before drops begin; \"after 1 s\": the receiver's \
          intervals from the second second on. Retransmits: TCP's count at the sender per run, and as \
