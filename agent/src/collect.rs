@@ -154,6 +154,21 @@ struct TableRead<T> {
 }
 
 /// Sums a per-CPU slot table and its overflow hash per cgroup of `tree`.
+/// Removes the overflow entries of removed cgroups.
+fn forget_overflow<T: aya::Pod>(
+    overflow: &mut PerCpuHashMap<MapData, u64, T>,
+    dead: &[u64],
+    name: &'static str,
+) -> Result<(), Error> {
+    for id in dead {
+        match overflow.remove(id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(Error::Map { name, source }),
+        }
+    }
+    Ok(())
+}
+
 fn read_table<T: Copy + aya::Pod>(
     slots: impl Iterator<Item = (usize, u64, T)>,
     overflow: &PerCpuHashMap<MapData, u64, T>,
@@ -213,6 +228,7 @@ pub struct Collector {
     /// Removed cgroups already posted in NET_EVICT and SCHED_EVICT, by slot index.
     net_evictions: HashMap<u32, u64>,
     sched_evictions: HashMap<u32, u64>,
+    dev_evictions: HashMap<u32, u64>,
     workloads: Workloads,
     files: Option<Reader>,
     uncounted_warned: Option<(u64, Instant)>,
@@ -237,6 +253,7 @@ impl Collector {
             max_cgroups,
             net_evictions: HashMap::new(),
             sched_evictions: HashMap::new(),
+            dev_evictions: HashMap::new(),
             workloads: Workloads::new(root, Path::new(DEFAULT_STATE_DIR)),
             files,
             uncounted_warned: None,
@@ -358,12 +375,27 @@ impl Collector {
             SchedCounters::ZERO,
             SchedCounters::plus,
         )?;
-        let (devices, dead_devices) = sum_per_cpu(
+        let dev_tables = self
+            .maps
+            .dev_slots
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: maps::DEV_SLOTS,
+                source,
+            })?;
+        let devices = read_table(
+            dev_tables.iter().flat_map(|table| {
+                table
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (i, s.cgroup_id, s.counters))
+            }),
             &self.maps.dev_counts,
             maps::DEV_COUNTS,
-            |id| *id,
             &self.tree,
-            DevCounters::plus,
+            DevCounters::ZERO,
+            |sum, c| sum.plus(*c),
         )?;
         let (net_drops, dead_drops) = sum_per_cpu(
             &self.maps.net_drops,
@@ -413,15 +445,13 @@ impl Collector {
                 && sched.dead_slots.is_empty()
                 && net.dead_overflow.is_empty()
                 && sched.dead_overflow.is_empty()
-                && dead_devices.is_empty()
+                && devices.dead_slots.is_empty()
+                && devices.dead_overflow.is_empty()
                 && dead_drops.is_empty()
                 && dead_hits.is_empty())
             && self.generation()? == generation
         {
-            self.forget(&net, &sched)?;
-            for id in &dead_devices {
-                let _ = self.maps.dev_counts.remove(id);
-            }
+            self.forget(&net, &sched, &devices)?;
             for id in &dead_drops {
                 let _ = self.maps.net_drops.remove(id);
             }
@@ -449,7 +479,7 @@ impl Collector {
                     .copied()
                     .unwrap_or(SchedCounters::ZERO),
                 resources,
-                devices: devices.get(&id).copied().unwrap_or_default(),
+                devices: devices.totals.get(&id).copied().unwrap_or_default(),
                 net_drops: net_drops.get(&id).copied().unwrap_or_default(),
                 rule_hits: {
                     let mut hits = rule_hits.remove(&id).unwrap_or_default();
@@ -504,29 +534,23 @@ impl Collector {
         &mut self,
         net: &TableRead<NetCounters>,
         sched: &TableRead<SchedCounters>,
+        devices: &TableRead<DevCounters>,
     ) -> Result<(), Error> {
-        for id in &net.dead_overflow {
-            match self.maps.net_overflow.remove(id) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(Error::Map {
-                        name: maps::NET_OVERFLOW,
-                        source,
-                    })
-                }
-            }
-        }
-        for id in &sched.dead_overflow {
-            match self.maps.sched_overflow.remove(id) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(Error::Map {
-                        name: maps::SCHED_OVERFLOW,
-                        source,
-                    })
-                }
-            }
-        }
+        forget_overflow(
+            &mut self.maps.net_overflow,
+            &net.dead_overflow,
+            maps::NET_OVERFLOW,
+        )?;
+        forget_overflow(
+            &mut self.maps.sched_overflow,
+            &sched.dead_overflow,
+            maps::SCHED_OVERFLOW,
+        )?;
+        forget_overflow(
+            &mut self.maps.dev_counts,
+            &devices.dead_overflow,
+            maps::DEV_COUNTS,
+        )?;
         for (dead, evict, posted, name) in [
             (
                 &net.dead_slots,
@@ -539,6 +563,12 @@ impl Collector {
                 &mut self.maps.sched_evict,
                 &mut self.sched_evictions,
                 maps::SCHED_EVICT,
+            ),
+            (
+                &devices.dead_slots,
+                &mut self.maps.dev_evict,
+                &mut self.dev_evictions,
+                maps::DEV_EVICT,
             ),
         ] {
             for &(index, id) in dead {

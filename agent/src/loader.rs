@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use common::{
-    devices::{DevCounters, DevKey, DevPolicyRef},
+    devices::{DevCounters, DevKey, DevPolicyRef, DevSlotTable},
     maps,
     netpolicy::{HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
@@ -221,7 +221,9 @@ fn attach_hint(err: &(dyn std::error::Error + Send + Sync + 'static)) -> &'stati
 
 /// Typed handles to the maps the collector reads.
 pub struct Maps {
+    pub dev_slots: PerCpuArray<MapData, DevSlotTable>,
     pub dev_counts: PerCpuHashMap<MapData, u64, DevCounters>,
+    pub dev_evict: Array<MapData, u64>,
     pub net_slots: PerCpuArray<MapData, NetSlotTable>,
     pub net_overflow: PerCpuHashMap<MapData, u64, NetCounters>,
     pub net_evict: Array<MapData, u64>,
@@ -238,7 +240,9 @@ pub struct Maps {
 impl Maps {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
         Ok(Self {
+            dev_slots: take_map(ebpf, maps::DEV_SLOTS)?,
             dev_counts: take_map(ebpf, maps::DEV_COUNTS)?,
+            dev_evict: take_map(ebpf, maps::DEV_EVICT)?,
             net_slots: take_map(ebpf, maps::NET_SLOTS)?,
             net_overflow: take_map(ebpf, maps::NET_OVERFLOW)?,
             net_evict: take_map(ebpf, maps::NET_EVICT)?,
@@ -255,7 +259,9 @@ impl Maps {
 
     fn from_pins(pin_dir: &Path) -> Result<Self, Error> {
         Ok(Self {
+            dev_slots: open_pinned(pin_dir, maps::DEV_SLOTS)?,
             dev_counts: open_pinned(pin_dir, maps::DEV_COUNTS)?,
+            dev_evict: open_pinned(pin_dir, maps::DEV_EVICT)?,
             net_slots: open_pinned(pin_dir, maps::NET_SLOTS)?,
             net_overflow: open_pinned(pin_dir, maps::NET_OVERFLOW)?,
             net_evict: open_pinned(pin_dir, maps::NET_EVICT)?,
@@ -332,7 +338,9 @@ where
         | maps::DEV_COUNTS
         | maps::NET_DROPS
         | maps::NET_HITS => Map::PerCpuHashMap(data),
-        maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT => Map::Array(data),
+        maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT | maps::DEV_EVICT => {
+            Map::Array(data)
+        }
         maps::DEV_POLICY | maps::DEV_RULES | maps::NET_POLICY | maps::NET_RATE => {
             Map::HashMap(data)
         }
@@ -786,10 +794,12 @@ pub struct WorkloadGuard {
 /// Maps the policy programs attached by `agent run` share with a running
 /// daemon, so that their counts and events show in `agent stats` and
 /// `agent events`.
-const POLICY_MAPS: [&str; 10] = [
+const POLICY_MAPS: [&str; 12] = [
     maps::DEV_POLICY,
     maps::DEV_RULES,
+    maps::DEV_SLOTS,
     maps::DEV_COUNTS,
+    maps::DEV_EVICT,
     maps::EVENTS,
     maps::EVENT_BUCKET,
     maps::NET_POLICY,

@@ -38,7 +38,28 @@ pub struct DevKey {
     pub minor: u32,
 }
 
-/// Per cgroup and CPU (`DEV_COUNTS`): device accesses decided.
+/// Slots in the per-CPU device slot table (see [`DevSlotTable`]).
+pub const DEV_SLOTS: usize = 256;
+
+/// One cgroup's device counters on one CPU, as slot `id & (DEV_SLOTS - 1)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevSlot {
+    /// Owner: a cgroup id, 0 for a free slot, or [`crate::SLOT_RECLAIMING`].
+    pub cgroup_id: u64,
+    pub counters: DevCounters,
+}
+
+/// Every device slot of one CPU (8 KiB): the counters of a decision are one
+/// array element and an offset away, where a hash lookup cost as much as the
+/// decision itself. Cgroups whose slot another holds count in `DEV_COUNTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DevSlotTable {
+    pub slots: [DevSlot; DEV_SLOTS],
+}
+
+/// Per cgroup and CPU (`DEV_SLOTS`, else `DEV_COUNTS`): device accesses decided.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DevCounters {
@@ -49,6 +70,12 @@ pub struct DevCounters {
 }
 
 impl DevCounters {
+    pub const ZERO: Self = Self {
+        allowed: 0,
+        denied: 0,
+        suppressed: 0,
+    };
+
     #[must_use]
     pub const fn plus(self, other: Self) -> Self {
         Self {

@@ -23,7 +23,7 @@ pub const SLOT_RECLAIMING: u64 = u64::MAX;
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.
@@ -64,7 +64,12 @@ pub mod maps {
     pub const DEV_POLICY: &str = "DEV_POLICY";
     /// Hash: [`crate::devices::DevKey`] → allowed access bits (u32).
     pub const DEV_RULES: &str = "DEV_RULES";
-    /// Per-CPU hash: cgroup id → [`crate::devices::DevCounters`].
+    /// Per-CPU array of one [`crate::devices::DevSlotTable`].
+    pub const DEV_SLOTS: &str = "DEV_SLOTS";
+    /// Array of [`crate::devices::DEV_SLOTS`] u64, as `NET_EVICT` for device slots.
+    pub const DEV_EVICT: &str = "DEV_EVICT";
+    /// Per-CPU hash: cgroup id → [`crate::devices::DevCounters`], for cgroups
+    /// whose device slot another cgroup holds.
     pub const DEV_COUNTS: &str = "DEV_COUNTS";
     /// Ring buffer of [`crate::events::Event`].
     pub const EVENTS: &str = "EVENTS";
@@ -82,7 +87,7 @@ pub mod maps {
     pub const NET_HITS: &str = "NET_HITS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
@@ -96,7 +101,9 @@ pub mod maps {
         SCHED_TASKS,
         DEV_POLICY,
         DEV_RULES,
+        DEV_SLOTS,
         DEV_COUNTS,
+        DEV_EVICT,
         EVENTS,
         EVENT_BUCKET,
         NET_POLICY,
@@ -222,6 +229,10 @@ mod user {
     unsafe impl aya::Pod for crate::devices::DevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::devices::DevCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::devices::DevSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::devices::DevSlotTable {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::events::Event {}
     // SAFETY: as above.

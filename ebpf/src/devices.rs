@@ -13,16 +13,20 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::generated::bpf_get_current_cgroup_id,
     macros::{cgroup_device, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::DeviceContext,
 };
 use common::{
-    devices::{DevCounters, DevKey, DevPolicyRef, DEV_ANY},
+    devices::{DevCounters, DevKey, DevPolicyRef, DevSlot, DevSlotTable, DEV_ANY, DEV_SLOTS},
     events::{Event, EVENT_DEVICE_DENIED},
     DEFAULT_MAX_CGROUPS,
 };
+use core::ptr::write_volatile;
 
-use crate::{events, slots::atomic_add};
+use crate::{
+    events,
+    slots::{self, atomic_add, Slot},
+};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -37,9 +41,23 @@ static DEV_POLICY: HashMap<u64, DevPolicyRef> =
 #[map(name = "DEV_RULES")]
 static DEV_RULES: HashMap<DevKey, u32> = HashMap::with_max_entries(MAX_RULE_ENTRIES, 0);
 
+#[map(name = "DEV_SLOTS")]
+static DEV_SLOTS_MAP: PerCpuArray<DevSlotTable> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "DEV_EVICT")]
+static DEV_EVICT: Array<u64> = Array::with_max_entries(DEV_SLOTS as u32, 0);
+
 #[map(name = "DEV_COUNTS")]
 static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+// SAFETY: DevSlot is #[repr(C)] with its owner first.
+unsafe impl Slot for DevSlot {
+    unsafe fn clear(this: *mut Self) {
+        // SAFETY: the trait's contract.
+        unsafe { write_volatile(&raw mut (*this).counters, DevCounters::ZERO) }
+    }
+}
 
 #[inline(always)]
 fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
@@ -65,22 +83,42 @@ fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
     0
 }
 
-/// Counts one decision for `cgroup_id` (atomic adds: cgroup_device runs in
-/// process context, where another task's program can preempt it on this CPU).
+/// Counts one decision for `cgroup_id` in its slot of this CPU's table, else
+/// in its overflow entry (atomic adds: cgroup_device runs in process context,
+/// where another task's program can preempt it on this CPU).
 #[inline(always)]
 fn count(cgroup_id: u64, field: fn(*mut DevCounters) -> *mut u64) {
-    let counters = match DEV_COUNTS.get_ptr_mut(cgroup_id) {
-        Some(counters) => counters,
-        None => {
-            let _ = DEV_COUNTS.insert(cgroup_id, DevCounters::default(), 0);
-            match DEV_COUNTS.get_ptr_mut(cgroup_id) {
-                Some(counters) => counters,
-                None => return,
-            }
-        }
+    let Some(counters) = slot(cgroup_id).or_else(|| overflow(cgroup_id)) else {
+        return;
     };
     // SAFETY: a map value of this CPU.
     unsafe { atomic_add(field(counters), 1) };
+}
+
+#[inline(always)]
+fn slot(cgroup_id: u64) -> Option<*mut DevCounters> {
+    let table = DEV_SLOTS_MAP.get_ptr_mut(0)?;
+    let index = (cgroup_id & (DEV_SLOTS as u64 - 1)) as usize;
+    // SAFETY: this CPU's table, and index < DEV_SLOTS.
+    let slot = unsafe {
+        slots::find(
+            (&raw mut (*table).slots).cast::<DevSlot>(),
+            index,
+            cgroup_id,
+            &DEV_EVICT,
+        )
+    }?;
+    // SAFETY: a slot of this CPU's table.
+    Some(unsafe { &raw mut (*slot).counters })
+}
+
+#[inline(never)]
+fn overflow(cgroup_id: u64) -> Option<*mut DevCounters> {
+    if let Some(counters) = DEV_COUNTS.get_ptr_mut(cgroup_id) {
+        return Some(counters);
+    }
+    let _ = DEV_COUNTS.insert(cgroup_id, DevCounters::ZERO, 0);
+    DEV_COUNTS.get_ptr_mut(cgroup_id)
 }
 
 #[cgroup_device]
