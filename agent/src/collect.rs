@@ -15,7 +15,7 @@ use aya::{
 use common::{
     devices::DevCounters,
     maps,
-    netpolicy::{HitKey, Hits, NetDrops},
+    netpolicy::{HitKey, Hits, NetDrops, DIR_EGRESS, DIR_INGRESS, RULE_DEFAULT},
     NetCounters, SchedCounters, SLOT_RECLAIMING,
 };
 
@@ -177,22 +177,7 @@ fn read_table<T: Copy + aya::Pod>(
     zero: T,
     plus: impl Fn(T, &T) -> T,
 ) -> Result<TableRead<T>, Error> {
-    let mut read = TableRead {
-        totals: HashMap::with_capacity(tree.len()),
-        dead_slots: Vec::new(),
-        dead_overflow: Vec::new(),
-    };
-    for (index, owner, counters) in slots {
-        if owner == 0 || owner == SLOT_RECLAIMING {
-            continue;
-        }
-        if !tree.contains(owner) {
-            read.dead_slots.push((index as u32, owner));
-            continue;
-        }
-        let total = read.totals.entry(owner).or_insert(zero);
-        *total = plus(*total, &counters);
-    }
+    let mut read = read_slots(slots, tree, zero, &plus);
     for entry in overflow.iter() {
         let (id, per_cpu) = match entry {
             Ok(entry) => entry,
@@ -215,6 +200,32 @@ fn read_table<T: Copy + aya::Pod>(
     Ok(read)
 }
 
+/// Sums a per-CPU slot table per cgroup of `tree` (no overflow).
+fn read_slots<T: Copy>(
+    slots: impl Iterator<Item = (usize, u64, T)>,
+    tree: &CgroupTree,
+    zero: T,
+    plus: impl Fn(T, &T) -> T,
+) -> TableRead<T> {
+    let mut read = TableRead {
+        totals: HashMap::with_capacity(tree.len()),
+        dead_slots: Vec::new(),
+        dead_overflow: Vec::new(),
+    };
+    for (index, owner, counters) in slots {
+        if owner == 0 || owner == SLOT_RECLAIMING {
+            continue;
+        }
+        if !tree.contains(owner) {
+            read.dead_slots.push((index as u32, owner));
+            continue;
+        }
+        let total = read.totals.entry(owner).or_insert(zero);
+        *total = plus(*total, &counters);
+    }
+    read
+}
+
 pub struct Collector {
     maps: Maps,
     root: PathBuf,
@@ -229,6 +240,7 @@ pub struct Collector {
     net_evictions: HashMap<u32, u64>,
     sched_evictions: HashMap<u32, u64>,
     dev_evictions: HashMap<u32, u64>,
+    guard_evictions: HashMap<u32, u64>,
     workloads: Workloads,
     files: Option<Reader>,
     uncounted_warned: Option<(u64, Instant)>,
@@ -254,6 +266,7 @@ impl Collector {
             net_evictions: HashMap::new(),
             sched_evictions: HashMap::new(),
             dev_evictions: HashMap::new(),
+            guard_evictions: HashMap::new(),
             workloads: Workloads::new(root, Path::new(DEFAULT_STATE_DIR)),
             files,
             uncounted_warned: None,
@@ -411,6 +424,26 @@ impl Collector {
             &self.tree,
             Hits::plus,
         )?;
+        let guard_tables = self
+            .maps
+            .net_guard_slots
+            .get(&0, 0)
+            .map_err(|source| Error::Map {
+                name: maps::NET_GUARD_SLOTS,
+                source,
+            })?;
+        let defaults = read_slots(
+            guard_tables.iter().flat_map(|table| {
+                table
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (i, s.cgroup_id, s.defaults))
+            }),
+            &self.tree,
+            [Hits::ZERO; 2],
+            |sum, d| [sum[0].plus(d[0]), sum[1].plus(d[1])],
+        );
         let mut rule_hits: HashMap<u64, Vec<RuleHits>> = HashMap::new();
         for (key, hits) in hits {
             rule_hits.entry(key.cgroup_id).or_default().push(RuleHits {
@@ -418,6 +451,26 @@ impl Collector {
                 rule: key.rule,
                 hits,
             });
+        }
+        // Default hits counted in a guard slot join those of the overflow.
+        for (id, by_direction) in &defaults.totals {
+            let rules = rule_hits.entry(*id).or_default();
+            for (direction, hits) in [DIR_EGRESS, DIR_INGRESS].into_iter().zip(by_direction) {
+                if *hits == Hits::ZERO {
+                    continue;
+                }
+                match rules
+                    .iter_mut()
+                    .find(|r| r.direction == direction && r.rule == RULE_DEFAULT)
+                {
+                    Some(r) => r.hits = r.hits.plus(*hits),
+                    None => rules.push(RuleHits {
+                        direction,
+                        rule: RULE_DEFAULT,
+                        hits: *hits,
+                    }),
+                }
+            }
         }
         let uncounted = self
             .maps
@@ -448,10 +501,11 @@ impl Collector {
                 && devices.dead_slots.is_empty()
                 && devices.dead_overflow.is_empty()
                 && dead_drops.is_empty()
-                && dead_hits.is_empty())
+                && dead_hits.is_empty()
+                && defaults.dead_slots.is_empty())
             && self.generation()? == generation
         {
-            self.forget(&net, &sched, &devices)?;
+            self.forget(&net, &sched, &devices, &defaults.dead_slots)?;
             for id in &dead_drops {
                 let _ = self.maps.net_drops.remove(id);
             }
@@ -535,6 +589,7 @@ impl Collector {
         net: &TableRead<NetCounters>,
         sched: &TableRead<SchedCounters>,
         devices: &TableRead<DevCounters>,
+        dead_guard_slots: &[(u32, u64)],
     ) -> Result<(), Error> {
         forget_overflow(
             &mut self.maps.net_overflow,
@@ -553,22 +608,28 @@ impl Collector {
         )?;
         for (dead, evict, posted, name) in [
             (
-                &net.dead_slots,
+                net.dead_slots.as_slice(),
                 &mut self.maps.net_evict,
                 &mut self.net_evictions,
                 maps::NET_EVICT,
             ),
             (
-                &sched.dead_slots,
+                sched.dead_slots.as_slice(),
                 &mut self.maps.sched_evict,
                 &mut self.sched_evictions,
                 maps::SCHED_EVICT,
             ),
             (
-                &devices.dead_slots,
+                devices.dead_slots.as_slice(),
                 &mut self.maps.dev_evict,
                 &mut self.dev_evictions,
                 maps::DEV_EVICT,
+            ),
+            (
+                dead_guard_slots,
+                &mut self.maps.net_guard_evict,
+                &mut self.guard_evictions,
+                maps::NET_GUARD_EVICT,
             ),
         ] {
             for &(index, id) in dead {

@@ -24,7 +24,7 @@ use aya::{
 use common::{
     devices::{DevCounters, DevKey, DevPolicyRef, DevSlotTable},
     maps,
-    netpolicy::{HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
+    netpolicy::{GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
     AGENT_INFO_PATH_MAX, EVENT_RATE, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID,
     SCHED_ROOT_LEVEL, TASK_RUN_DELAY_OFFSET,
@@ -235,6 +235,8 @@ pub struct Maps {
     pub sched_uncounted: PerCpuArray<MapData, SchedCounters>,
     pub net_drops: PerCpuHashMap<MapData, u64, NetDrops>,
     pub net_hits: PerCpuHashMap<MapData, HitKey, Hits>,
+    pub net_guard_slots: PerCpuArray<MapData, GuardSlotTable>,
+    pub net_guard_evict: Array<MapData, u64>,
 }
 
 impl Maps {
@@ -254,6 +256,8 @@ impl Maps {
             sched_uncounted: take_map(ebpf, maps::SCHED_UNCOUNTED)?,
             net_drops: take_map(ebpf, maps::NET_DROPS)?,
             net_hits: take_map(ebpf, maps::NET_HITS)?,
+            net_guard_slots: take_map(ebpf, maps::NET_GUARD_SLOTS)?,
+            net_guard_evict: take_map(ebpf, maps::NET_GUARD_EVICT)?,
         })
     }
 
@@ -273,6 +277,8 @@ impl Maps {
             sched_uncounted: open_pinned(pin_dir, maps::SCHED_UNCOUNTED)?,
             net_drops: open_pinned(pin_dir, maps::NET_DROPS)?,
             net_hits: open_pinned(pin_dir, maps::NET_HITS)?,
+            net_guard_slots: open_pinned(pin_dir, maps::NET_GUARD_SLOTS)?,
+            net_guard_evict: open_pinned(pin_dir, maps::NET_GUARD_EVICT)?,
         })
     }
 }
@@ -338,9 +344,11 @@ where
         | maps::DEV_COUNTS
         | maps::NET_DROPS
         | maps::NET_HITS => Map::PerCpuHashMap(data),
-        maps::AGENT_INFO | maps::NET_EVICT | maps::SCHED_EVICT | maps::DEV_EVICT => {
-            Map::Array(data)
-        }
+        maps::AGENT_INFO
+        | maps::NET_EVICT
+        | maps::SCHED_EVICT
+        | maps::DEV_EVICT
+        | maps::NET_GUARD_EVICT => Map::Array(data),
         maps::DEV_POLICY | maps::DEV_RULES | maps::NET_POLICY | maps::NET_RATE => {
             Map::HashMap(data)
         }
@@ -794,7 +802,7 @@ pub struct WorkloadGuard {
 /// Maps the policy programs attached by `agent run` share with a running
 /// daemon, so that their counts and events show in `agent stats` and
 /// `agent events`.
-const POLICY_MAPS: [&str; 12] = [
+const POLICY_MAPS: [&str; 14] = [
     maps::DEV_POLICY,
     maps::DEV_RULES,
     maps::DEV_SLOTS,
@@ -807,6 +815,8 @@ const POLICY_MAPS: [&str; 12] = [
     maps::NET_RATE,
     maps::NET_DROPS,
     maps::NET_HITS,
+    maps::NET_GUARD_SLOTS,
+    maps::NET_GUARD_EVICT,
 ];
 
 /// Attaches the policy programs `guards` asks for to `cgroup` (a v2

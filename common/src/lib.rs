@@ -81,13 +81,17 @@ pub mod maps {
     pub const NET_RULES: &str = "NET_RULES";
     /// Hash: [`crate::netpolicy::RateKey`] → [`crate::netpolicy::RateState`].
     pub const NET_RATE: &str = "NET_RATE";
+    /// Per-CPU array of one [`crate::netpolicy::GuardSlotTable`].
+    pub const NET_GUARD_SLOTS: &str = "NET_GUARD_SLOTS";
+    /// Array of [`crate::netpolicy::GUARD_SLOTS`] u64, as `NET_EVICT` for guard slots.
+    pub const NET_GUARD_EVICT: &str = "NET_GUARD_EVICT";
     /// Per-CPU hash: cgroup id → [`crate::netpolicy::NetDrops`].
     pub const NET_DROPS: &str = "NET_DROPS";
     /// Per-CPU hash: [`crate::netpolicy::HitKey`] → [`crate::netpolicy::Hits`].
     pub const NET_HITS: &str = "NET_HITS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 25] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
@@ -111,6 +115,8 @@ pub mod maps {
         NET_RATE,
         NET_DROPS,
         NET_HITS,
+        NET_GUARD_SLOTS,
+        NET_GUARD_EVICT,
     ];
 }
 
@@ -253,4 +259,8 @@ mod user {
     unsafe impl aya::Pod for crate::netpolicy::HitKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::netpolicy::Hits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::GuardSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::netpolicy::GuardSlotTable {}
 }

@@ -160,6 +160,30 @@ impl NetDrops {
     }
 }
 
+/// Slots in the per-CPU table of default-rule hits (see [`GuardSlotTable`]).
+pub const GUARD_SLOTS: usize = 256;
+
+/// One cgroup's hits of its default rules on one CPU, as slot
+/// `id & (GUARD_SLOTS - 1)`, by direction ([`DIR_EGRESS`], [`DIR_INGRESS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardSlot {
+    /// Owner: a cgroup id, 0 for a free slot, or [`crate::SLOT_RECLAIMING`].
+    pub cgroup_id: u64,
+    pub defaults: [Hits; 2],
+}
+
+/// Every guard slot of one CPU (10 KiB). Most packets of a policed cgroup
+/// are decided by its default; counting them is then one array element and
+/// an offset away instead of a hash lookup, which cost as much as the rest
+/// of the guard. A cgroup whose slot another holds, and the hits of explicit
+/// rules, count in `NET_HITS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GuardSlotTable {
+    pub slots: [GuardSlot; GUARD_SLOTS],
+}
+
 /// `NET_HITS` key: a rule of a cgroup's policy ([`RULE_DEFAULT`]: the default).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -180,6 +204,11 @@ pub struct Hits {
 }
 
 impl Hits {
+    pub const ZERO: Self = Self {
+        packets: 0,
+        bytes: 0,
+    };
+
     #[must_use]
     pub const fn plus(self, other: Self) -> Self {
         Self {

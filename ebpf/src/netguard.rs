@@ -15,24 +15,25 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id},
     macros::{cgroup_skb, cgroup_sock_addr, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{SkBuffContext, SockAddrContext},
 };
 use common::{
     events::{Event, EVENT_NET_DENIED, REASON_CONNECT, REASON_POLICY},
     netpolicy::{
-        HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet, RateKey, RateSpec, RateState,
-        DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FLAG_CLASSID, FLAG_EGRESS_DENY,
-        FLAG_EGRESS_RULES, FLAG_INGRESS_DENY, FLAG_INGRESS_RULES, FLAG_MARK, KEY_HEADER_BITS,
-        PROTO_ICMP, PROTO_TCP, PROTO_UDP, RULES_PER_PREFIX, RULE_DEFAULT,
+        GuardSlot, GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet,
+        RateKey, RateSpec, RateState, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FLAG_CLASSID,
+        FLAG_EGRESS_DENY, FLAG_EGRESS_RULES, FLAG_INGRESS_DENY, FLAG_INGRESS_RULES, FLAG_MARK,
+        GUARD_SLOTS, KEY_HEADER_BITS, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RULES_PER_PREFIX,
+        RULE_DEFAULT,
     },
     DEFAULT_MAX_CGROUPS,
 };
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
     events,
-    slots::{atomic_add, cmpxchg},
+    slots::{self, atomic_add, cmpxchg, Slot},
 };
 
 /// cgroup_skb verdicts; bit 1 asks for congestion notification (egress).
@@ -65,6 +66,20 @@ static NET_DROPS: PerCpuHashMap<u64, NetDrops> =
 
 #[map(name = "NET_HITS")]
 static NET_HITS: PerCpuHashMap<HitKey, Hits> = PerCpuHashMap::with_max_entries(MAX_HITS, 0);
+
+#[map(name = "NET_GUARD_SLOTS")]
+static GUARD_SLOT_TABLE: PerCpuArray<GuardSlotTable> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "NET_GUARD_EVICT")]
+static GUARD_EVICT: Array<u64> = Array::with_max_entries(GUARD_SLOTS as u32, 0);
+
+// SAFETY: GuardSlot is #[repr(C)] with its owner first.
+unsafe impl Slot for GuardSlot {
+    unsafe fn clear(this: *mut Self) {
+        // SAFETY: the trait's contract.
+        unsafe { write_volatile(&raw mut (*this).defaults, [Hits::ZERO; 2]) }
+    }
+}
 
 #[cgroup_skb(egress)]
 pub fn net_guard_egress(ctx: SkBuffContext) -> i32 {
@@ -390,6 +405,31 @@ fn limit(id: u64, direction: u8, rate: &RateSpec, len: u64) -> Verdict {
 
 #[inline(always)]
 fn count_hit(id: u64, direction: u8, rule: u16, len: u64) {
+    if rule == RULE_DEFAULT {
+        if let Some(table) = GUARD_SLOT_TABLE.get_ptr_mut(0) {
+            let index = (id & (GUARD_SLOTS as u64 - 1)) as usize;
+            // SAFETY: this CPU's table, and index < GUARD_SLOTS.
+            if let Some(slot) = unsafe {
+                slots::find(
+                    (&raw mut (*table).slots).cast::<GuardSlot>(),
+                    index,
+                    id,
+                    &GUARD_EVICT,
+                )
+            } {
+                // SAFETY: a slot of this CPU's table; direction is 0 or 1.
+                // Atomic, as egress can nest in egress.
+                unsafe {
+                    let hits = (&raw mut (*slot).defaults)
+                        .cast::<Hits>()
+                        .add(usize::from(direction & 1));
+                    atomic_add(&raw mut (*hits).packets, 1);
+                    atomic_add(&raw mut (*hits).bytes, len);
+                }
+                return;
+            }
+        }
+    }
     let key = HitKey {
         cgroup_id: id,
         direction,
