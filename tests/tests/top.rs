@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{agent_bin, attachments, require_root, run, unique, Cgroup};
+use agent_tests::{agent_bin, attachments, require_root, run, unique, Cgroup, Daemon, PolicyFile};
 
 const PROMPT: &str = "top-test$";
 
@@ -226,7 +226,7 @@ struct Setup {
     // Dropped in this order: the terminal, the workload, then the cgroups.
     tmux: Tmux,
     _spinner_process: Process,
-    _idle: Cgroup,
+    idle: Cgroup,
     _spinner: Cgroup,
     _group: Cgroup,
     root: Cgroup,
@@ -269,7 +269,7 @@ fn setup(name: &str) -> Setup {
     Setup {
         tmux: Tmux::new(),
         _spinner_process: spinner_process,
-        _idle: idle,
+        idle,
         _spinner: spinner,
         _group: group,
         root,
@@ -374,6 +374,14 @@ fn the_live_view_sorts_filters_rolls_up_and_quits_cleanly() {
     tmux.keys(&["Space"]);
     tmux.wait_for("paused", |s| s.contains("PAUSED"));
 
+    // Running again, a cgroup removed meanwhile drops out quietly.
+    tmux.keys(&["Space"]);
+    fs::remove_dir(&setup.idle.path).expect("remove /grp/idle");
+    let screen = tmux.wait_for("/grp/idle to drop out", |s| {
+        s.contains("3 cgroups") && rows(s).len() == 3
+    });
+    assert!(!screen.contains("idle"), "{screen}");
+
     tmux.keys(&["q"]);
     assert_clean_prompt(tmux, &setup.stty_file.0);
     assert_eq!(
@@ -402,4 +410,172 @@ fn ctrl_c_and_sigterm_restore_the_terminal_and_detach() {
     .expect("SIGTERM agent top");
     assert_clean_prompt(tmux, &setup.stty_file.0);
     assert_eq!(attachments(&setup.root.path), 0, "detached on SIGTERM");
+}
+
+/// Runs devpeer in `cgroup`: one line per access, `ok` or the errno.
+fn devpeer_in(cgroup: &Cgroup, args: &[&str]) -> Vec<String> {
+    let out = cgroup
+        .command(agent_bin().with_file_name("devpeer"), None)
+        .args(args)
+        .output()
+        .expect("run devpeer");
+    assert!(out.status.success(), "devpeer {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A daemon enforcing a device policy on `/box` (only /dev/null allowed),
+/// and three denied reads of /dev/zero (1:5) from there.
+fn daemon_with_denials(root: &Cgroup, box_: &Cgroup) -> (Daemon, PolicyFile) {
+    let file = PolicyFile::new(
+        r#"{"version": 1, "policies": [{"name": "box", "cgroups": ["/box"],
+            "devices": {"default": "deny", "rules": [{"allow": "c 1:3 rw"}]}}]}"#,
+    );
+    let daemon = Daemon::start(
+        &root.path,
+        &["--policy", &file.arg(), "--interval", "200ms"],
+    );
+    assert_eq!(
+        devpeer_in(box_, &["try", "r:/dev/zero", "r:/dev/zero", "r:/dev/zero"]),
+        ["EPERM", "EPERM", "EPERM"]
+    );
+    (daemon, file)
+}
+
+#[test]
+fn against_a_daemon_the_detail_pane_shows_the_latest_deny_events() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-tui-daemon");
+    let box_ = root.child("box");
+    let (daemon, _file) = daemon_with_denials(&root, &box_);
+    let attached = attachments(&root.path);
+    let tmux = Tmux::new();
+    tmux.type_text(&format!(
+        "{} top -d 0.5 --pin-dir {} --events-socket {}",
+        agent_bin().display(),
+        daemon.pin_dir.display(),
+        daemon.events_socket().display()
+    ));
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the view with rates", |s| {
+        rows(s)
+            .iter()
+            .any(|r| r.name == "/box" && r.cpu.parse::<f64>().is_ok())
+    });
+    // Sorted by denials, /box comes first, showing its three.
+    tmux.keys(&["e"]);
+    let screen = tmux.wait_for("rows sorted by denials", |s| s.contains("DENY▼"));
+    let first = rows(&screen)[0].clone();
+    assert_eq!(first.name, "/box", "{screen}");
+    let line = screen
+        .lines()
+        .find(|l| l.ends_with(" /box") || l.trim_end().ends_with(" /box"))
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[words.len() - 2], "3", "DENY of /box: {screen}");
+    // The selection stayed on its cgroup through the sort: move it to /box.
+    tmux.keys(&["Home", "Enter"]);
+    let screen = tmux.wait_for("its deny events", |s| {
+        s.matches("c 1:5 r devpeer[").count() == 3
+    });
+    assert!(screen.contains("/box (own, id "), "{screen}");
+    tmux.keys(&["q"]);
+    tmux.wait_for("the prompt", |s| last_line(s) == PROMPT);
+    assert_eq!(tmux.pane("#{alternate_on}"), "0");
+    assert_eq!(
+        attachments(&root.path),
+        attached,
+        "top added and removed nothing of the daemon's"
+    );
+}
+
+/// The keys of a JSON value, recursively (array elements by the first one's).
+fn shape(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), shape(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        serde_json::Value::Array(items) => items.first().map(shape).into_iter().collect(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+#[test]
+fn once_json_is_the_stats_json_and_batch_prints_plain_tables() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-top-batch");
+    let box_ = root.child("box");
+    let (daemon, _file) = daemon_with_denials(&root, &box_);
+    let out = Command::new(agent_bin())
+        .args(["top", "--once", "--json", "--pin-dir"])
+        .arg(&daemon.pin_dir)
+        .output()
+        .expect("run agent top --once --json");
+    assert!(out.status.success(), "{out:?}");
+    let once: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("agent top --once --json prints JSON");
+    let stats = daemon.stats();
+    assert_eq!(shape(&once), shape(&stats));
+    let cgroups = |v: &serde_json::Value| -> Vec<(u64, String, u64)> {
+        v["cgroups"]
+            .as_array()
+            .expect("cgroups")
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_u64().unwrap_or(0),
+                    c["path"].as_str().unwrap_or("").to_owned(),
+                    c["devices"]["denied"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(cgroups(&once), cgroups(&stats));
+    assert_eq!(
+        cgroups(&once),
+        [(root.id(), "/".into(), 0), (box_.id(), "/box".into(), 3)]
+    );
+    assert_eq!(once["cgroup_root"], stats["cgroup_root"]);
+
+    let out = Command::new(agent_bin())
+        .args([
+            "top",
+            "--batch",
+            "--iterations",
+            "2",
+            "-d",
+            "0.2",
+            "--pin-dir",
+        ])
+        .arg(&daemon.pin_dir)
+        .output()
+        .expect("run agent top --batch");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let headers: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("agent top - "))
+        .collect();
+    assert_eq!(headers.len(), 2, "{text}");
+    assert!(
+        headers[0].ends_with(&format!("- 2 cgroups under {}", root.path.display())),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("  CPU%  RUNQ P99"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("  /box")).count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "no escape sequences: {text:?}");
 }
