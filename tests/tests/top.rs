@@ -562,7 +562,10 @@ fn once_json_is_the_stats_json_and_batch_prints_plain_tables() {
         .collect();
     assert_eq!(headers.len(), 2, "{text}");
     assert!(
-        headers[0].ends_with(&format!("- 2 cgroups under {}", root.path.display())),
+        headers[0].contains(&format!(
+            " - 2 cgroups under {} - rates over ",
+            root.path.display()
+        )),
         "{text}"
     );
     assert_eq!(

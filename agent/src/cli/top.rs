@@ -143,11 +143,14 @@ fn batch(collector: &mut Collector, args: &TopArgs) -> anyhow::Result<()> {
             let snapshot = Snapshot::new(&current, Some(&previous));
             previous = current;
             shown += 1;
+            // The interval the rates are over, as measured (a loaded host
+            // wakes late), so that a reader can turn a rate back into a count.
             println!(
-                "agent top - {} - {} cgroups under {}",
+                "agent top - {} - {} cgroups under {} - rates over {:.3}s",
                 snapshot.timestamp,
                 snapshot.cgroups.len(),
-                snapshot.cgroup_root
+                snapshot.cgroup_root,
+                snapshot.interval_s.unwrap_or_default()
             );
             println!("{}", super::table::render(&snapshot, None));
         }
