@@ -281,3 +281,51 @@ fn live(
     log::set_max_level(level);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_keys_map_to_the_view_s_keys() {
+        let press = |code, modifiers| key(KeyEvent::new(code, modifiers));
+        assert_eq!(
+            press(KeyCode::Char('c'), KeyModifiers::CONTROL),
+            Some(Key::Interrupt)
+        );
+        assert_eq!(press(KeyCode::Char('x'), KeyModifiers::CONTROL), None);
+        assert_eq!(
+            press(KeyCode::Char('c'), KeyModifiers::NONE),
+            Some(Key::Char('c'))
+        );
+        assert_eq!(
+            press(KeyCode::Char('?'), KeyModifiers::SHIFT),
+            Some(Key::Char('?'))
+        );
+        assert_eq!(press(KeyCode::Enter, KeyModifiers::NONE), Some(Key::Enter));
+        assert_eq!(
+            press(KeyCode::PageDown, KeyModifiers::NONE),
+            Some(Key::PageDown)
+        );
+        assert_eq!(press(KeyCode::F(1), KeyModifiers::NONE), None);
+    }
+
+    #[test]
+    fn json_needs_once_and_once_excludes_batch() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            crate::cli::Cli::try_parse_from(["agent", "top"].iter().chain(args))
+                .map_err(|e| e.kind())
+        };
+        assert!(parse(&["--once", "--json"]).is_ok());
+        assert!(parse(&["--batch", "-n", "2", "-d", "0.5"]).is_ok());
+        assert_eq!(
+            parse(&["--json"]).err(),
+            Some(clap::error::ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            parse(&["--once", "--batch"]).err(),
+            Some(clap::error::ErrorKind::ArgumentConflict)
+        );
+    }
+}

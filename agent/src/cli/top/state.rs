@@ -144,14 +144,22 @@ impl Figures {
     /// CPU, traffic, drops and denials are counted per cgroup, so they add
     /// up; run-queue histograms merge bucket by bucket (so the p99 is the
     /// subtree's, not a sum of percentiles). Memory and pids stay the
-    /// parent's own: the kernel's figures already include every descendant.
-    fn roll_up(&mut self, child: &Self) {
-        fn plus(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    /// parent's own, `own`: the kernel's figures already include every
+    /// descendant. Where the parent has none (the root of a cgroup2-only
+    /// hierarchy has no memory.current), its children's add up instead.
+    fn roll_up(&mut self, child: &Self, own: &Self) {
+        fn plus<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
             match (a, b) {
                 (Some(a), Some(b)) => Some(a + b),
                 (a, None) => a,
                 (None, b) => b,
             }
+        }
+        if own.memory_bytes.is_none() {
+            self.memory_bytes = plus(self.memory_bytes, child.memory_bytes);
+        }
+        if own.pids.is_none() {
+            self.pids = plus(self.pids, child.pids);
         }
         self.cpu_percent = plus(self.cpu_percent, child.cpu_percent);
         self.rx_bytes_per_s = plus(self.rx_bytes_per_s, child.rx_bytes_per_s);
@@ -423,8 +431,8 @@ impl State {
         order.sort_by_key(|&i| std::cmp::Reverse(cgroups[i].depth));
         for i in order {
             if let Some(p) = cgroups[i].parent {
-                let child = cgroups[i].subtree;
-                cgroups[p].subtree.roll_up(&child);
+                let (child, own) = (cgroups[i].subtree, cgroups[p].own);
+                cgroups[p].subtree.roll_up(&child, &own);
             }
         }
 
@@ -886,6 +894,25 @@ mod tests {
         assert_eq!(state.figures(&state.cgroups[1]).cpu_percent, Some(55.0));
         state.handle(Key::Char('t'));
         assert_eq!(state.figures(&state.cgroups[1]).cpu_percent, Some(5.0));
+    }
+
+    #[test]
+    fn where_a_parent_has_no_memory_or_pids_its_children_add_up() {
+        let mut state = State::new(Duration::from_secs(1));
+        // /b gives no pids; give it children that do.
+        let cgroups = [
+            (1, "/", 0, 0, 0),
+            (5, "/b", 0, 0, 0),
+            (6, "/b/c", 0, 0, 0),
+            (7, "/b/d", 0, 0, 0),
+        ];
+        state.update(&snapshot(&cgroups, &cgroups));
+        let b = &state.cgroups[1];
+        assert_eq!(b.path, "/b");
+        assert_eq!(b.own.pids, None);
+        assert_eq!(b.subtree.pids, Some(6 + 7));
+        assert_eq!(b.subtree.memory_bytes, Some(5 * 1024), "its own");
+        assert_eq!(state.cgroups[0].subtree.pids, Some(1), "the root's own");
     }
 
     #[test]
