@@ -383,25 +383,28 @@ fn footer_lines(state: &State) -> Text<'static> {
     Text::from(vec![Line::from(sort), Line::from(keys)])
 }
 
+/// At most 76 columns a line, so that it fits 80 with its border.
 const HELP: &str = "\
-↑ ↓ j k PgUp PgDn Home End   move the selection
-c l m p r s x e n   sort by CPU%, RUNQ99, MEM, PIDS, RX/s, TX/s, DROP, DENY, name;
-                    the same key again reverses (also i); < > previous/next column
-t        tree view: parents roll up their children's CPU, traffic, waits, drops
-         and denials (MEM and PIDS are the kernel's own, already hierarchical)
-/        filter by a substring of the path (enter keeps it, esc clears it)
-space    pause          + -   longer / shorter refresh interval
-enter    detail pane: recent history and the latest deny events
-q Ctrl-C quit           any other key closes this help
+↑ ↓ j k PgUp PgDn Home End  move the selection (it stays on its cgroup)
+c l m p r s x e n  sort by CPU%, RUNQ99, MEM, PIDS, RX/s, TX/s, DROP, DENY,
+                   CGROUP; the same key again (or i) reverses; < > step
+t      tree: parents roll up their children's CPU, traffic, waits, drops
+       and denials (MEM and PIDS are the kernel's, already hierarchical)
+/      filter by a substring of the path (enter keeps it, esc clears it)
+space  pause              + -  longer / shorter refresh interval
+enter  detail pane: recent history and the latest deny events
+q      quit (also Ctrl-C); any other key closes this help
 
-CPU% is of one CPU over the interval; RUNQ99 the 99th percentile of the
-run-queue waits that ended in it; DROP packets dropped by the network policy;
-DENY device accesses denied. `-`: the host cannot give that figure.";
+CPU%: of one CPU over the interval. RUNQ99: 99th percentile of the
+run-queue waits that ended in it. DROP: packets the network policy
+dropped. DENY: device accesses denied. -: the host cannot give it.";
 
 fn draw_help(frame: &mut Frame<'_>) {
     let area = frame.area();
-    let width = area.width.min(82);
-    let height = area.height.min(17);
+    let width = area.width.min(80);
+    let height = area
+        .height
+        .min(u16::try_from(HELP.lines().count() + 2).unwrap_or(u16::MAX));
     let popup = Rect {
         x: area.x + (area.width - width) / 2,
         y: area.y + (area.height - height) / 2,
@@ -535,7 +538,13 @@ mod tests {
         state.handle(super::super::state::Key::Char('?'));
         let lines = screen(&state, 80, 24);
         assert!(lines.iter().any(|l| l.contains("agent top: keys")));
-        assert!(lines.iter().any(|l| l.contains("q Ctrl-C quit")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("│q      quit (also Ctrl-C); any other key closes this help")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("DENY: device accesses denied.")));
+        assert!(HELP.lines().all(|l| l.chars().count() <= 76));
     }
 
     #[test]
