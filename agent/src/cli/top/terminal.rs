@@ -61,13 +61,17 @@ pub fn restore() {
 
 fn install_panic_hook() {
     static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            restore();
-            previous(info);
-        }));
-    });
+    HOOK.call_once(|| chain_panic_hook(restore));
+}
+
+/// Makes a panic call `first`, then the hook that was there (which prints
+/// the message: after `restore`, on the normal screen).
+fn chain_panic_hook(first: fn()) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        first();
+        previous(info);
+    }));
 }
 
 /// The terminal in raw mode on the alternate screen; restored when dropped.
@@ -102,5 +106,40 @@ struct Undo;
 impl Drop for Undo {
     fn drop(&mut self) {
         restore();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static CALLED: AtomicBool = AtomicBool::new(false);
+
+    fn mark() {
+        CALLED.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_panic_runs_the_restore_hook() {
+        chain_panic_hook(mark);
+        let result = std::panic::catch_unwind(|| panic!("a panic this test expects"));
+        assert!(result.is_err());
+        assert!(CALLED.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn signals_only_set_the_flag() {
+        catch_signals().unwrap();
+        assert!(!stop_requested());
+        nix::sys::signal::raise(Signal::SIGTERM).unwrap();
+        assert!(
+            stop_requested(),
+            "SIGTERM was caught, the test process lives on"
+        );
+        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            // SAFETY: back to the default disposition.
+            unsafe { sigaction(signal, &default) }.unwrap();
+        }
     }
 }
