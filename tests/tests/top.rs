@@ -17,20 +17,20 @@ const PROMPT: &str = "top-test$";
 /// A tmux server and session of this test's own (its own socket, so nothing
 /// of anyone else's tmux is touched), killed on drop, also on panic.
 struct Tmux {
-    socket: String,
+    socket: PathBuf,
     session: String,
 }
 
 impl Tmux {
     /// An 80x24 terminal running a plain shell with a known prompt.
     fn new() -> Self {
-        let socket = unique("agent-top-test");
+        let socket = std::env::temp_dir().join(unique("agent-top-tmux"));
         let session = unique("top");
         run(
             "tmux",
             &[
-                "-L",
-                &socket,
+                "-S",
+                &socket.display().to_string(),
                 "-f",
                 "/dev/null",
                 "new-session",
@@ -50,7 +50,8 @@ impl Tmux {
     }
 
     fn tmux(&self, args: &[&str]) -> String {
-        let mut all = vec!["-L", &self.socket];
+        let socket = self.socket.display().to_string();
+        let mut all = vec!["-S", &socket];
         all.extend_from_slice(args);
         String::from_utf8_lossy(&run("tmux", &all).stdout).into_owned()
     }
@@ -101,8 +102,12 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-session", "-t", &self.session])
+            .arg("-S")
+            .arg(&self.socket)
+            .args(["kill-session", "-t", &self.session])
             .status();
+        // The server ends with its last session but leaves its socket.
+        let _ = fs::remove_file(&self.socket);
     }
 }
 
