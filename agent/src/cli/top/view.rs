@@ -114,6 +114,12 @@ fn title_line(state: &State) -> Line<'static> {
             if state.tree { "tree" } else { "flat" },
         )),
     ];
+    if !state.has_rates && !state.cgroups.is_empty() {
+        spans.push(Span::styled(
+            "  measuring",
+            Style::new().add_modifier(Modifier::DIM),
+        ));
+    }
     if state.paused {
         spans.push(Span::styled(
             "  PAUSED",
@@ -495,6 +501,7 @@ mod tests {
             .collect();
         state.timestamp = "2026-11-30T12:00:01.000Z".into();
         state.cgroup_root = "/sys/fs/cgroup".into();
+        state.has_rates = true;
         state.relayout();
         state
     }
@@ -545,6 +552,15 @@ mod tests {
             .iter()
             .any(|l| l.contains("DENY: device accesses denied.")));
         assert!(HELP.lines().all(|l| l.chars().count() <= 76));
+    }
+
+    #[test]
+    fn before_the_first_rates_the_title_says_so() {
+        let mut state = busy_state();
+        state.has_rates = false;
+        assert!(screen(&state, 80, 24)[0].starts_with(
+            "agent top  12:00:01  30 cgroups  every 1s  flat  measuring  /sys/fs/cgroup"
+        ));
     }
 
     #[test]
