@@ -16,6 +16,28 @@ pub fn bytes(value: f64) -> String {
     format!("{scaled:.1} {}", UNITS[unit])
 }
 
+/// Like [`bytes`] in at most 8 characters, for narrow columns: `1.5 KiB`,
+/// `99.9 MiB`, `1023 KiB` (no decimal from 100 on).
+#[must_use]
+pub fn bytes_short(value: f64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if value < 1024.0 {
+        return format!("{value:.0} B");
+    }
+    let mut scaled = value / 1024.0;
+    let mut unit = 0;
+    // 1023.95 KiB would print as "1024.0 KiB": move up a unit first.
+    while scaled >= 1023.5 && unit + 1 < UNITS.len() {
+        scaled /= 1024.0;
+        unit += 1;
+    }
+    if scaled < 99.95 {
+        format!("{scaled:.1} {}", UNITS[unit])
+    } else {
+        format!("{scaled:.0} {}", UNITS[unit])
+    }
+}
+
 /// `1500` → `1.5k`, `2_500_000` → `2.5M`; below 1000 the exact count.
 #[must_use]
 pub fn count(value: f64) -> String {
@@ -116,6 +138,20 @@ mod tests {
         assert_eq!(bytes(1023.0), "1023 B");
         assert_eq!(bytes(1536.0), "1.5 KiB");
         assert_eq!(bytes(5.0 * 1024.0 * 1024.0 * 1024.0), "5.0 GiB");
+    }
+
+    #[test]
+    fn short_bytes_fit_eight_characters() {
+        assert_eq!(bytes_short(0.0), "0 B");
+        assert_eq!(bytes_short(1023.0), "1023 B");
+        assert_eq!(bytes_short(1536.0), "1.5 KiB");
+        assert_eq!(bytes_short(99.9 * 1024.0), "99.9 KiB");
+        assert_eq!(bytes_short(1000.0 * 1024.0), "1000 KiB");
+        assert_eq!(bytes_short(1023.9 * 1024.0), "1.0 MiB");
+        assert_eq!(bytes_short(3.0 * 1024.0 * 1024.0 * 1024.0), "3.0 GiB");
+        for value in [1.0, 1e3, 1e5, 1e6, 1e7, 1e8, 1e9, 1e12, 1e15, 1e18] {
+            assert!(bytes_short(value).chars().count() <= 8, "{value}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! daemon, and the one-sentence errors that leave nothing behind.
 
 use std::{
-    io::Read as _,
+    io::{BufRead as _, BufReader, Read as _},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -26,21 +26,65 @@ fn send(cgroup: &Cgroup, ns: &Netns, count: u32, size: u32) {
     assert!(status.success());
 }
 
-/// The `RX/s` and `TX/s` columns of `path` in each table `agent top` printed.
-fn rates_of(output: &str, path: &str) -> Vec<(String, String)> {
-    output
-        .lines()
-        .filter(|line| line.ends_with(&format!("  {path}")))
-        .map(|line| {
+/// For each table `agent top` printed: the interval its rates are over (from
+/// its header line) and the `RX/s` and `TX/s` columns of `path`.
+fn rates_of(output: &str, path: &str) -> Vec<(f64, String, String)> {
+    let mut interval = None;
+    let mut found = Vec::new();
+    for line in output.lines() {
+        if let Some((_, over)) = line.split_once(" - rates over ") {
+            interval = over.strip_suffix('s').and_then(|s| s.parse().ok());
+        } else if line.ends_with(&format!("  {path}")) {
             let words: Vec<&str> = line.split_whitespace().collect();
-            // ... RX/s as "N unit/s", TX/s likewise, then the path.
+            // ... RX/s as "N unit/s", TX/s likewise, DROP, DENY, the path.
             let n = words.len();
-            (
+            found.push((
+                interval.expect("a table header before its rows"),
+                format!("{} {}", words[n - 7], words[n - 6]),
                 format!("{} {}", words[n - 5], words[n - 4]),
-                format!("{} {}", words[n - 3], words[n - 2]),
-            )
-        })
-        .collect()
+            ));
+        }
+    }
+    found
+}
+
+/// Whether a rate as shown (`1.2 KiB/s`) is `bytes` over `seconds`, to the
+/// precision shown (the interval is measured, so not quite the `-d` asked).
+fn shows(rate: &str, bytes: f64, seconds: f64) -> bool {
+    let Some((number, unit)) = rate.split_once(' ') else {
+        return false;
+    };
+    let Ok(value) = number.parse::<f64>() else {
+        return false;
+    };
+    let scale = match unit {
+        "B/s" => 1.0,
+        "KiB/s" => 1024.0,
+        "MiB/s" => 1024.0 * 1024.0,
+        _ => return false,
+    };
+    // Half the last digit shown, and the interval's 1 ms of rounding.
+    let digit = if number.contains('.') { 0.1 } else { 1.0 };
+    let expected = bytes / seconds;
+    (value * scale - expected).abs() <= digit * scale / 2.0 + expected * 0.001
+}
+
+/// Runs `send` once `top` printed its first table, and returns all it
+/// printed. By then its second interval has begun: traffic sent earlier
+/// could fall before its first sample (which a loaded host may delay after
+/// the programs attach), in no interval at all.
+fn send_after_first_table(top: &mut std::process::Child, send: impl FnOnce()) -> String {
+    let mut stdout = BufReader::new(top.stdout.take().expect("stdout"));
+    let mut output = String::new();
+    while !output.contains("rates over") {
+        assert!(
+            stdout.read_line(&mut output).expect("read top output") > 0,
+            "agent top ended early: {output}"
+        );
+    }
+    send();
+    stdout.read_to_string(&mut output).expect("read top output");
+    output
 }
 
 #[test]
@@ -67,29 +111,26 @@ fn top_without_a_daemon_attaches_for_as_long_as_it_runs() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Well inside the first refresh interval (top samples right after attaching).
-    std::thread::sleep(Duration::from_millis(300));
-    send(&a, &ns, 10, 100);
+    let output = send_after_first_table(&mut top, || send(&a, &ns, 10, 100));
     let status = top.wait().expect("wait for agent top");
-    let mut output = String::new();
-    top.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut output)
-        .expect("read top output");
     assert!(status.success(), "agent top failed: {output}");
     // Piped: plain tables, one per refresh, with rates over each second.
     assert!(
-        output.contains("  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s  CGROUP"),
+        output.contains(
+            "  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s   DROP   DENY  CGROUP"
+        ),
         "{output}"
     );
     let rates = rates_of(&output, "/a");
-    let sent = |tx: &str| (String::from("0 B/s"), String::from(tx));
-    assert_eq!(
-        rates,
-        [sent("1.2 KiB/s"), sent("0 B/s"), sent("0 B/s")],
-        "10 datagrams of 128 bytes in the first second: {output}"
-    );
+    assert_eq!(rates.len(), 3, "{output}");
+    // 10 datagrams of 128 bytes in the second interval, none in the others.
+    for (i, (seconds, rx, tx)) in rates.iter().enumerate() {
+        let sent = if i == 1 { 1280.0 } else { 0.0 };
+        assert!(
+            shows(rx, 0.0, *seconds) && shows(tx, sent, *seconds),
+            "table {i}: {output}"
+        );
+    }
     assert_eq!(attachments(&root.path), 0, "agent top detached on exit");
     assert!(!pin_dir.exists(), "and pinned nothing");
 }
@@ -101,22 +142,25 @@ fn top_reads_a_running_daemon() {
     let a = root.child("a");
     let ns = Netns::new("agt-topd");
     let daemon = Daemon::start(&root.path, &[]);
-    let top = Command::new(agent_bin())
-        .args(["top", "-n", "1", "-d", "1", "--pin-dir"])
+    let mut top = Command::new(agent_bin())
+        .args(["top", "-n", "2", "-d", "1", "--pin-dir"])
         .arg(&daemon.pin_dir)
         .stdout(Stdio::piped())
         .spawn()
         .expect("run agent top");
-    std::thread::sleep(Duration::from_millis(300));
-    send(&a, &ns, 3, 1000);
-    let out = top.wait_with_output().expect("wait for agent top");
-    let output = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{output}");
-    assert_eq!(
-        rates_of(&output, "/a"),
-        [(String::from("0 B/s"), String::from("3.0 KiB/s"))],
-        "{output}"
-    );
+    let output = send_after_first_table(&mut top, || send(&a, &ns, 3, 1000));
+    let status = top.wait().expect("wait for agent top");
+    assert!(status.success(), "{output}");
+    // 3 datagrams of 1,028 bytes in the second interval.
+    let rates = rates_of(&output, "/a");
+    assert_eq!(rates.len(), 2, "{output}");
+    for (i, (seconds, rx, tx)) in rates.iter().enumerate() {
+        let sent = if i == 1 { 3084.0 } else { 0.0 };
+        assert!(
+            shows(rx, 0.0, *seconds) && shows(tx, sent, *seconds),
+            "table {i}: {output}"
+        );
+    }
     assert_eq!(
         attachments(&root.path),
         2,

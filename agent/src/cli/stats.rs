@@ -36,15 +36,26 @@ pub struct StatsArgs {
 
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let mut collector = open_daemon(&args.pins)?.with_state_dir(&args.state.state_dir);
+    print(&mut collector, args.interval, args.json)
+}
+
+/// Prints one snapshot from `collector` (over `interval`, when given, which
+/// adds rates): the JSON object on one line, or the table. The one home of
+/// what `agent stats` prints; `agent top --once` prints the same.
+pub fn print(
+    collector: &mut Collector,
+    interval: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
     let first = collector.sample()?;
-    let snapshot = match args.interval {
+    let snapshot = match interval {
         Some(interval) => {
             std::thread::sleep(interval);
             Snapshot::new(&collector.sample()?, Some(&first))
         }
         None => Snapshot::new(&first, None),
     };
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string(&snapshot)?);
     } else {
         print!("{}", super::table::render(&snapshot, None));

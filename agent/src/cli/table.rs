@@ -16,6 +16,18 @@ fn opt_count(value: Option<u64>) -> String {
     value.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
+/// Packets the network policy dropped.
+fn drops(cgroup: &CgroupSnapshot) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    units::count(cgroup.net.dropped_packets as f64)
+}
+
+/// Device accesses the device policy denied.
+fn denials(cgroup: &CgroupSnapshot) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    units::count(cgroup.devices.denied as f64)
+}
+
 fn label(cgroup: &CgroupSnapshot) -> String {
     match &cgroup.name {
         Some(name) => format!("{} ({name})", cgroup.path),
@@ -53,14 +65,14 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
     if with_rates {
         let _ = writeln!(
             out,
-            "{:>6} {:>9} {:>10} {:>6} {:>10} {:>10}  CGROUP",
-            "CPU%", "RUNQ P99", "MEM", "PIDS", "RX/s", "TX/s"
+            "{:>6} {:>9} {:>10} {:>6} {:>10} {:>10} {:>6} {:>6}  CGROUP",
+            "CPU%", "RUNQ P99", "MEM", "PIDS", "RX/s", "TX/s", "DROP", "DENY"
         );
     } else {
         let _ = writeln!(
             out,
-            "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10}  CGROUP",
-            "CPU", "SWITCHES", "RUNQ P99", "MEM", "PIDS", "RX", "TX"
+            "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10} {:>6} {:>6}  CGROUP",
+            "CPU", "SWITCHES", "RUNQ P99", "MEM", "PIDS", "RX", "TX", "DROP", "DENY"
         );
     }
     let shown = max_rows.unwrap_or(usize::MAX);
@@ -73,13 +85,15 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
                 .and_then(|l| l.p99_ns);
             let _ = writeln!(
                 out,
-                "{:>6.1} {:>9} {:>10} {:>6} {:>10} {:>10}  {}",
+                "{:>6.1} {:>9} {:>10} {:>6} {:>10} {:>10} {:>6} {:>6}  {}",
                 percent,
                 p99.map_or_else(|| "-".into(), units::duration_ns),
                 opt_bytes(cgroup.memory.current_bytes),
                 opt_count(cgroup.pids.current),
                 format!("{}/s", units::bytes(rates.rx_bytes_per_s)),
                 format!("{}/s", units::bytes(rates.tx_bytes_per_s)),
+                drops(cgroup),
+                denials(cgroup),
                 label(cgroup)
             );
         } else {
@@ -91,7 +105,7 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
             );
             let _ = writeln!(
                 out,
-                "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10}  {}",
+                "{:>8} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10} {:>6} {:>6}  {}",
                 units::duration_ns(cpu.usage_ns),
                 units::count(switches),
                 cpu.runqueue_latency
@@ -101,6 +115,8 @@ pub fn render(snapshot: &Snapshot, max_rows: Option<usize>) -> String {
                 opt_count(cgroup.pids.current),
                 units::bytes(rx),
                 units::bytes(tx),
+                drops(cgroup),
+                denials(cgroup),
                 label(cgroup)
             );
         }
@@ -177,11 +193,11 @@ mod tests {
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "     CPU  SWITCHES  RUNQ P99        MEM   PIDS         RX         TX  CGROUP"
+            "     CPU  SWITCHES  RUNQ P99        MEM   PIDS         RX         TX   DROP   DENY  CGROUP"
         );
         assert_eq!(
             lines[1],
-            "   1.0ms         0         -    2.0 KiB      3    2.0 KiB        0 B  /"
+            "   1.0ms         0         -    2.0 KiB      3    2.0 KiB        0 B      0      0  /"
         );
         assert!(lines[2].ends_with("  /busy (job)"), "{table}");
     }
@@ -197,11 +213,11 @@ mod tests {
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s  CGROUP"
+            "  CPU%  RUNQ P99        MEM   PIDS       RX/s       TX/s   DROP   DENY  CGROUP"
         );
         assert_eq!(
             lines[1],
-            "  50.0         -    2.0 KiB      3    100 B/s      0 B/s  /busy (job)"
+            "  50.0         -    2.0 KiB      3    100 B/s      0 B/s      0      0  /busy (job)"
         );
         assert_eq!(lines[2], "... and 1 more cgroups");
     }
