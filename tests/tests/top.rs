@@ -420,6 +420,38 @@ fn ctrl_c_and_sigterm_restore_the_terminal_and_detach() {
     assert_eq!(attachments(&setup.root.path), 0, "detached on SIGTERM");
 }
 
+#[test]
+fn closing_the_terminal_ends_top_and_detaches() {
+    let setup = setup("agent-test-tui-hup");
+    let tmux = &setup.tmux;
+    setup.start_top();
+    let pid = agent_pid(tmux);
+    assert!(attachments(&setup.root.path) > 0, "attached while it runs");
+    // The window closes: the terminal hangs up under the running view.
+    tmux.tmux(&["kill-session", "-t", &tmux.session]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // A zombie has ended (its parent, the shell, is gone too).
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("agent top (pid {pid}) still runs 5 s after its terminal hung up");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        attachments(&setup.root.path),
+        0,
+        "detached when the terminal hung up"
+    );
+}
+
 /// Runs devpeer in `cgroup`: one line per access, `ok` or the errno.
 fn devpeer_in(cgroup: &Cgroup, args: &[&str]) -> Vec<String> {
     let out = cgroup

@@ -258,9 +258,14 @@ fn live(
             } else {
                 next.saturating_duration_since(now).min(TICK)
             };
-            match event::poll(wait) {
-                Ok(false) => {}
-                Ok(true) => match event::read().context("reading the terminal's input")? {
+            if terminal::wait_for_input(wait).context("waiting for the terminal's input")?
+                == terminal::Input::Gone
+            {
+                return Ok(());
+            }
+            // What crossterm has read and queued, and what is now readable.
+            while event::poll(Duration::ZERO).context("reading the terminal's input")? {
+                match event::read().context("reading the terminal's input")? {
                     Event::Key(pressed) if pressed.kind != KeyEventKind::Release => {
                         if let Some(key) = key(pressed) {
                             if state.handle(key) == Outcome::Quit {
@@ -272,9 +277,7 @@ fn live(
                     }
                     Event::Resize(..) => dirty = true,
                     _ => {}
-                },
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err).context("waiting for the terminal's input"),
+                }
             }
         }
     })();

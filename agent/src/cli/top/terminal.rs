@@ -7,7 +7,7 @@
 //! signal, and quits like `q`.
 
 use std::{
-    io::{self, Stdout},
+    io::{self, IsTerminal as _, Stdout},
     sync::{
         atomic::{AtomicBool, Ordering},
         Once,
@@ -32,6 +32,58 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// Whether SIGTERM, SIGINT or SIGHUP arrived.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
+}
+
+/// What the terminal's input has after a wait.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Something to read (or a signal interrupted the wait).
+    Ready,
+    /// Nothing within the wait.
+    Idle,
+    /// The terminal hung up (its window or multiplexer closed): nothing more
+    /// will come, and nobody sees the screen.
+    Gone,
+}
+
+/// Waits up to `timeout` for the terminal's input: standard input, or
+/// /dev/tty when that is not a terminal (as crossterm reads). Done here with
+/// poll(2) rather than crossterm's own wait, which keeps retrying a hung-up
+/// terminal without returning.
+pub fn wait_for_input(timeout: std::time::Duration) -> io::Result<Input> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let tty;
+    let fd = if io::stdin().is_terminal() {
+        io::stdin().as_fd().as_raw_fd()
+    } else {
+        tty = std::fs::File::open("/dev/tty")?;
+        tty.as_raw_fd()
+    };
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, alive for the call.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, millis) };
+    if ready < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(Input::Ready)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(
+        if poll.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            Input::Gone
+        } else if ready == 0 {
+            Input::Idle
+        } else {
+            Input::Ready
+        },
+    )
 }
 
 /// Routes SIGTERM, SIGINT and SIGHUP (the terminal closing) to
