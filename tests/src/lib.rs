@@ -5,6 +5,8 @@
 //! The tests need root. They never skip: without root, a cgroup v2 mount or
 //! bpffs they fail, so CI cannot pass by not running them.
 
+pub mod otlp;
+
 use std::{
     ffi::CString,
     fs,
