@@ -445,3 +445,80 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
         "{log}"
     );
 }
+
+/// A value of the daemon's own Prometheus text, or 0.
+fn scraped(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_collector_that_never_answers_delays_neither_stats_nor_enforcement() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-otlp-slow");
+    let (a, b, c) = (root.child("a"), root.child("b"), root.child("c"));
+    let pair = VethPair::new();
+    // Accepted by the kernel (backlog) and never read: every export times out.
+    let black_hole = TcpListener::bind("127.0.0.1:0").expect("bind the black hole");
+    let endpoint = format!(
+        "http://{}/v1/metrics",
+        black_hole.local_addr().expect("address")
+    );
+    let file = agent_tests::PolicyFile::new(
+        r#"{"version": 1, "policies": [{"name": "t", "cgroups": ["/c"],
+            "devices": {"default": "allow", "rules": [{"deny": "c 1:5 r"}]}}]}"#,
+    );
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &root.path,
+        &[
+            "--policy",
+            file.0.to_str().expect("utf-8 temp path"),
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-timeout",
+            "300ms",
+            "--export-interval",
+            "100ms",
+            "--interval",
+            "100ms",
+            "--prometheus-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    udp(&pair, &a, &b);
+    // Enforcement: the policy's verdicts, at once.
+    let out = c
+        .command(netpeer_bin().with_file_name("devpeer"), None)
+        .args(["try", "r:/dev/zero", "r:/dev/null"])
+        .output()
+        .expect("run devpeer");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "EPERM\nok\n");
+    let started = Instant::now();
+    let stats = daemon.stats();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(counts(net_of(&stats, "/a")), (0, 0, BYTES, COUNT));
+    // Several timed-out attempts, counted; the denial is exported too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = http_get(port, "/metrics");
+        let denials = scraped(
+            &text,
+            "agent_cgroup_policy_denials_total{agent_cgroup_path=\"/c\",agent_policy_kind=\"device\"}",
+        );
+        if scraped(&text, "agent_export_failures_total") >= 3 && denials == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = daemon.stop();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "one warning per outage:\n{log}");
+    assert!(warnings[0].contains("no answer within 300ms"), "{log}");
+    drop(black_hole);
+}

@@ -1,7 +1,7 @@
 //! `agent-bench export`: what one export costs the daemon, in CPU
 //! milliseconds and bytes, at 10, 100 and 1,000 live cgroups, for OTLP over
 //! gRPC, OTLP over HTTP/protobuf and a Prometheus scrape. Each mode runs a
-//! daemon exporting (or scraped) once a second; its CPU over the window,
+//! daemon exporting (or scraped) every [`EVERY`]; its CPU over the window,
 //! less that of a daemon exporting nothing over the same window (modes
 //! interleaved), divided by the exports made, is the cost of one export.
 
@@ -22,6 +22,10 @@ use crate::{
     sched::{cpu_time_ns, LiveCgroups},
     Options,
 };
+
+/// The export interval, the scrape interval and the daemon's tick.
+const EVERY: Duration = Duration::from_millis(250);
+const EVERY_ARG: &str = "250ms";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -83,7 +87,7 @@ fn measure(root: &Path, mode: Mode, window: Duration) -> Result<Run, String> {
         .arg(root)
         .arg("--pin-dir")
         .arg(&pin_dir)
-        .args(["--interval", "1s"]);
+        .args(["--interval", EVERY_ARG]);
     if let Some(receiver) = &receiver {
         command.args([
             "--otlp-endpoint",
@@ -91,7 +95,7 @@ fn measure(root: &Path, mode: Mode, window: Duration) -> Result<Run, String> {
             "--otlp-protocol",
             receiver.protocol,
             "--export-interval",
-            "1s",
+            EVERY_ARG,
         ]);
     }
     if mode == Mode::Prometheus {
@@ -103,12 +107,19 @@ fn measure(root: &Path, mode: Mode, window: Duration) -> Result<Run, String> {
         .spawn()
         .map_err(|e| format!("starting agent daemon: {e}"))?;
     let pid = daemon.id();
+    // Past start-up (loading, the first walk, opening every cgroup file).
     thread::sleep(Duration::from_secs(3));
+    if let Some(receiver) = &receiver {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while receiver.sizes().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
     let before = receiver.as_ref().map_or(0, |r| r.sizes().len());
     let (start, t0) = (cpu_time_ns(pid), Instant::now());
     let mut scraped = Vec::new();
     while t0.elapsed() < window {
-        thread::sleep(Duration::from_secs(1));
+        thread::sleep(EVERY);
         if mode == Mode::Prometheus {
             scraped.push(scrape(port));
         }
@@ -175,12 +186,14 @@ pub fn run(options: &Options) -> Result<(), String> {
     let mut table = measure::preamble("export");
     let _ = writeln!(
         table,
-        "Daemon CPU per export: one daemon per mode exporting (or scraped) once a second over {} s \
-         windows after a 3 s start-up, less the CPU of a daemon exporting nothing over the paired \
+        "Daemon CPU per export: one daemon per mode exporting (or scraped) every {} ms, with its \
+         tick at the same interval, over {} s windows after start-up (3 s and the first export), less the CPU of a daemon exporting nothing over the paired \
          window (modes interleaved, {} repeats; median (min to max)). It includes reading the cgroup \
          files, building and encoding the export, and sending it to an in-process receiver on \
          loopback. Bytes: protobuf message size (OTLP) or body size (Prometheus text).",
-        options.seconds, options.repeats
+        EVERY.as_millis(),
+        options.seconds,
+        options.repeats
     );
     let _ = writeln!(table);
     let _ = writeln!(
