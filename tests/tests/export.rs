@@ -522,3 +522,87 @@ fn a_collector_that_never_answers_delays_neither_stats_nor_enforcement() {
     assert!(warnings[0].contains("no answer within 300ms"), "{log}");
     drop(black_hole);
 }
+
+/// The daemon's Prometheus text once it has a snapshot.
+fn metrics_text(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(text) = try_http_get(port, "/metrics").filter(|t| t.contains("target_info")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no metrics on port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn include_exclude_and_depth_choose_the_exported_cgroups() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-export-select");
+    let keep = root.child("keep");
+    let _deep = keep.child("deep");
+    let _skip = root.child("skip");
+    let port = free_port();
+    let _daemon = Daemon::start(
+        &root.path,
+        &[
+            "--prometheus-listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "100ms",
+            "--exclude",
+            "/skip",
+            "--max-depth",
+            "1",
+        ],
+    );
+    let text = metrics_text(port);
+    let paths: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("agent_cgroup_path=\"")?.1.split_once('"'))
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(
+        paths.into_iter().collect::<Vec<_>>(),
+        ["/", "/keep"],
+        "{text}"
+    );
+    drop(keep);
+}
+
+#[test]
+fn an_agent_run_workload_is_exported_with_its_name() {
+    require_root();
+    let runs = agent_tests::Runs::new();
+    let v2_parent = agent_tests::v2_mount().join(&runs.parent);
+    std::fs::create_dir_all(&v2_parent).expect("the test's v2 parent");
+    let port = free_port();
+    let daemon = Daemon::start(
+        &v2_parent,
+        &[
+            "--state-dir",
+            &runs.state.display().to_string(),
+            "--prometheus-listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "100ms",
+        ],
+    );
+    let mut run = runs.spawn(&["--name", "exported", "--net", "none"], &["sleep", "30"]);
+    runs.wait_running("exported");
+    let series =
+        "agent_cgroup_tasks{agent_cgroup_path=\"/exported\",agent_workload_name=\"exported\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = metrics_text(port);
+    while !text.lines().any(|l| l == series) {
+        assert!(Instant::now() < deadline, "no {series:?} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+        text = metrics_text(port);
+    }
+    assert!(runs
+        .agent(&["stop", "exported", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
+    drop(daemon);
+}
