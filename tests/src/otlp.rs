@@ -59,8 +59,13 @@ pub struct Receiver {
 impl Receiver {
     /// A gRPC receiver.
     pub fn grpc() -> Self {
+        Self::grpc_on(0)
+    }
+
+    /// A gRPC receiver on this loopback port (0: any free one).
+    pub fn grpc_on(port: u16) -> Self {
         let log: Log = Arc::default();
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gRPC receiver");
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the gRPC receiver");
         let addr = listener.local_addr().expect("receiver address");
         listener.set_nonblocking(true).expect("nonblocking");
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -437,6 +437,21 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(counts(net_of(&daemon.stats(), "/a")), (0, 0, BYTES, COUNT));
+    // The collector comes up: the queued exports and the next ones arrive,
+    // and the recovery is logged once.
+    let receiver = otlp::Receiver::grpc_on(dead);
+    #[expect(clippy::cast_precision_loss, reason = "small exact integers")]
+    let bytes = BYTES as f64;
+    receiver.wait_for(Duration::from_secs(40), |r| {
+        otlp::sum_value(
+            r,
+            "container.network.io",
+            &[
+                ("agent.cgroup.path", "/a"),
+                ("network.io.direction", "transmit"),
+            ],
+        ) == Some(bytes)
+    });
     let log = daemon.stop();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one warning per outage:\n{log}");
@@ -444,6 +459,7 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
         warnings[0].contains(&format!("OTLP export to http://127.0.0.1:{dead} failed")),
         "{log}"
     );
+    assert_eq!(log.matches("works again").count(), 1, "{log}");
 }
 
 /// A value of the daemon's own Prometheus text, or 0.
