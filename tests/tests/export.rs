@@ -189,6 +189,10 @@ fn export_over(receiver: &otlp::Receiver) {
         assert_eq!(point.bucket_counts.len(), 25);
         assert_eq!(point.bucket_counts.iter().sum::<u64>(), point.count);
         assert!((point.explicit_bounds[0] - 2e-6).abs() < 1e-12);
+        assert_eq!(point.sum, None, "the kernel keeps no sum of waits");
+        if point.count > 0 {
+            assert!(point.max.is_some_and(|max| max > 0.0), "{point:?}");
+        }
     }
     // Resource attributes: the defaults and the ones given.
     assert_eq!(resource(&request, "service.name").as_deref(), Some("agent"));
@@ -452,6 +456,16 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
             ],
         ) == Some(bytes)
     });
+    // (The receiver has the request before the daemon has the answer.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("works again") {
+        assert!(
+            Instant::now() < deadline,
+            "no recovery line:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = daemon.stop();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one warning per outage:\n{log}");

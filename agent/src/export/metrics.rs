@@ -44,6 +44,8 @@ pub enum Value {
         bounds: Vec<f64>,
         counts: Vec<u64>,
         count: u64,
+        /// The largest value seen, when known.
+        max: Option<f64>,
     },
 }
 
@@ -125,6 +127,7 @@ fn latency(c: &CgroupSnapshot) -> Vec<Point> {
         bounds: latency_bounds(),
         count: c.cpu.runqueue_latency.count,
         counts,
+        max: c.cpu.runqueue_latency.max_ns.map(seconds),
     }))
 }
 

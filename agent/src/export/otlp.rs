@@ -91,6 +91,7 @@ fn metric(family: &Family, start: u64, time: u64) -> Metric {
                         bounds,
                         counts,
                         count,
+                        max,
                     } => Some(HistogramDataPoint {
                         attributes: attributes(attrs),
                         start_time_unix_nano: start,
@@ -100,6 +101,7 @@ fn metric(family: &Family, start: u64, time: u64) -> Metric {
                         sum: None,
                         bucket_counts: counts.clone(),
                         explicit_bounds: bounds.clone(),
+                        max: *max,
                         ..HistogramDataPoint::default()
                     }),
                     _ => None,
@@ -171,14 +173,18 @@ impl Sender {
         }
     }
 
-    async fn send(
-        &mut self,
-        config: &Otlp,
-        request: &ExportMetricsServiceRequest,
-        body: &Bytes,
-    ) -> Result<(), String> {
+    /// What is queued: the message for gRPC (tonic encodes it), its
+    /// encoding for HTTP.
+    fn prepare(&self, request: ExportMetricsServiceRequest) -> Pending {
         match self {
-            Self::Grpc(client) => {
+            Self::Grpc(_) => Pending::Message(request),
+            Self::Http(_) => Pending::Encoded(Bytes::from(request.encode_to_vec())),
+        }
+    }
+
+    async fn send(&mut self, config: &Otlp, pending: &Pending) -> Result<(), String> {
+        match (self, pending) {
+            (Self::Grpc(client), Pending::Message(request)) => {
                 let mut grpc = tonic::Request::new(request.clone());
                 for (key, value) in &config.headers {
                     let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes())
@@ -199,7 +205,7 @@ impl Sender {
                         .map(|p| (p.rejected_data_points, p.error_message)),
                 )
             }
-            Self::Http(client) => {
+            (Self::Http(client), Pending::Encoded(body)) => {
                 let mut builder = http::Request::post(&config.endpoint)
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf");
                 for (key, value) in &config.headers {
@@ -240,8 +246,15 @@ impl Sender {
                         .map(|p| (p.rejected_data_points, p.error_message)),
                 )
             }
+            _ => Err("internal error: an export prepared for the other protocol".into()),
         }
     }
+}
+
+/// One queued export.
+enum Pending {
+    Message(ExportMetricsServiceRequest),
+    Encoded(Bytes),
 }
 
 /// A partial success that rejected points is a failure worth a warning.
@@ -259,7 +272,7 @@ pub async fn run(
     config: Otlp,
     view: Arc<View>,
     health: Arc<Health>,
-    latest: watch::Receiver<Option<Arc<Published>>>,
+    mut latest: watch::Receiver<Option<Arc<Published>>>,
 ) {
     let mut sender = match Sender::new(&config) {
         Ok(sender) => sender,
@@ -276,7 +289,7 @@ pub async fn run(
     );
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut queue: VecDeque<(ExportMetricsServiceRequest, Bytes)> = VecDeque::new();
+    let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut backoff = FIRST_BACKOFF;
     let mut retry_at: Option<tokio::time::Instant> = None;
     // Failed attempts in the current outage (0: none).
@@ -286,17 +299,23 @@ pub async fn run(
         let retry = retry_at.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             _ = tick.tick() => {
-                let published = latest.borrow().clone();
+                let mut published = latest.borrow_and_update().clone();
+                if published.as_ref().map(|p| p.taken) == last_sent {
+                    // The daemon's next snapshot is due any moment (its tick
+                    // and this one are not in phase): wait for it rather
+                    // than skip an interval.
+                    let _ = tokio::time::timeout(config.interval, latest.changed()).await;
+                    published = latest.borrow_and_update().clone();
+                }
                 if let Some(published) = published {
                     if last_sent != Some(published.taken) {
                         last_sent = Some(published.taken);
-                        let request = request(&view, &published);
-                        let body = Bytes::from(request.encode_to_vec());
+                        let pending = sender.prepare(request(&view, &published));
                         if queue.len() == QUEUE {
                             queue.pop_front();
                             health.export_dropped.fetch_add(1, Ordering::Relaxed);
                         }
-                        queue.push_back((request, body));
+                        queue.push_back(pending);
                     }
                 }
             }
@@ -305,8 +324,8 @@ pub async fn run(
         if retry_at.is_some() {
             continue;
         }
-        while let Some((request, body)) = queue.front() {
-            match sender.send(&config, request, body).await {
+        while let Some(pending) = queue.front() {
+            match sender.send(&config, pending).await {
                 Ok(()) => {
                     queue.pop_front();
                     if outage > 0 {

@@ -99,6 +99,7 @@ fn family(out: &mut String, family: &Family) {
                 bounds,
                 counts,
                 count,
+                max: _,
             } => {
                 // Prometheus buckets are cumulative; the kernel's are not.
                 let mut below = 0u64;
@@ -269,6 +270,7 @@ mod tests {
                         bounds: vec![0.5, 1.0],
                         counts: vec![2, 3, 1],
                         count: 6,
+                        max: Some(1.5),
                     },
                 )],
             },
