@@ -73,26 +73,50 @@ fn resource(request: &ExportMetricsServiceRequest, key: &str) -> Option<String> 
         .map(str::to_owned)
 }
 
-fn export_over(receiver: &otlp::Receiver) {
+/// Exports to `receiver`, configured by flags or (`by_env`) by the standard
+/// OTEL_* variables.
+fn export_over(receiver: &otlp::Receiver, by_env: bool) {
     require_root();
     let root = Cgroup::new_root("agent-test-otlp");
     let (a, b) = (root.child("a"), root.child("b"));
     let pair = VethPair::new();
-    let mut daemon = Daemon::start(
-        &root.path,
-        &[
-            "--otlp-endpoint",
-            &receiver.endpoint,
-            "--otlp-protocol",
-            receiver.protocol,
-            "--export-interval",
-            "200ms",
-            "--interval",
-            "100ms",
-            "--resource-attributes",
-            "deployment.environment=test,team=kernel",
-        ],
-    );
+    let pin_dir = std::path::Path::new("/sys/fs/bpf").join(agent_tests::unique("agent-test"));
+    let base = receiver.endpoint.trim_end_matches("/v1/metrics");
+    let mut daemon = if by_env {
+        Daemon::start_with_env(
+            &root.path,
+            &pin_dir,
+            &["--interval", "100ms"],
+            &[
+                // The base endpoint: the daemon adds /v1/metrics for HTTP.
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", base),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", receiver.protocol),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+                (
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "deployment.environment=test,team=kernel",
+                ),
+                ("OTEL_SERVICE_NAME", "node-agent"),
+            ],
+        )
+    } else {
+        Daemon::start_with_pins(
+            &root.path,
+            &pin_dir,
+            &[
+                "--otlp-endpoint",
+                &receiver.endpoint,
+                "--otlp-protocol",
+                receiver.protocol,
+                "--export-interval",
+                "200ms",
+                "--interval",
+                "100ms",
+                "--resource-attributes",
+                "deployment.environment=test,team=kernel",
+            ],
+        )
+    };
     udp(&pair, &a, &b);
 
     let tx = [
@@ -195,7 +219,8 @@ fn export_over(receiver: &otlp::Receiver) {
         }
     }
     // Resource attributes: the defaults and the ones given.
-    assert_eq!(resource(&request, "service.name").as_deref(), Some("agent"));
+    let service = if by_env { "node-agent" } else { "agent" };
+    assert_eq!(resource(&request, "service.name").as_deref(), Some(service));
     assert_eq!(
         resource(&request, "service.version").as_deref(),
         Some(env!("CARGO_PKG_VERSION"))
@@ -230,13 +255,19 @@ fn export_over(receiver: &otlp::Receiver) {
 #[test]
 fn otlp_grpc_receives_exact_udp_counts_units_and_attributes() {
     let receiver = otlp::Receiver::grpc();
-    export_over(&receiver);
+    export_over(&receiver, false);
+}
+
+#[test]
+fn otel_variables_configure_the_export() {
+    let receiver = otlp::Receiver::http();
+    export_over(&receiver, true);
 }
 
 #[test]
 fn otlp_http_protobuf_receives_exact_udp_counts_units_and_attributes() {
     let receiver = otlp::Receiver::http();
-    export_over(&receiver);
+    export_over(&receiver, false);
 }
 
 /// A GET over loopback; the body (None when nothing answers).
