@@ -357,3 +357,190 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::PathBuf,
+        sync::Arc,
+        time::{Duration, Instant, SystemTime},
+    };
+
+    use common::{NetCounters, SchedCounters};
+
+    use super::*;
+    use crate::{
+        cgroupfs::Resources,
+        collect::{CgroupSample, Sample},
+        export::attrib::Selection,
+        model::Snapshot,
+    };
+
+    const ID: &str = "3f4e8c2a9b1d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f";
+
+    fn cgroup(id: u64, path: &str) -> CgroupSample {
+        let mut sched = SchedCounters::ZERO;
+        sched.cpu_ns = 1_500_000_000;
+        sched.latency[1] = 4;
+        sched.latency_max_ns = 3_500;
+        CgroupSample {
+            id,
+            path: path.into(),
+            name: (path == "/web").then(|| "web".to_owned()),
+            net: NetCounters {
+                rx_bytes: 1280,
+                rx_packets: 10,
+                tx_bytes: 2560,
+                tx_packets: 20,
+            },
+            sched,
+            resources: Resources {
+                memory_current: Some(4096),
+                ..Resources::default()
+            },
+            devices: common::devices::DevCounters {
+                allowed: 5,
+                denied: 2,
+                suppressed: 0,
+            },
+            net_drops: common::netpolicy::NetDrops {
+                policy_packets: 0,
+                policy_bytes: 0,
+                rate_packets: 0,
+                rate_bytes: 0,
+                rate_marked: 0,
+                refused_connects: 0,
+                suppressed: 0,
+            },
+            rule_hits: Vec::new(),
+        }
+    }
+
+    fn published(cgroups: Vec<CgroupSample>) -> Published {
+        let taken = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_504_000);
+        let sample = Sample {
+            taken,
+            at: Instant::now(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroups,
+            uncounted: NetCounters::ZERO,
+            sched_uncounted: SchedCounters::ZERO,
+        };
+        Published {
+            snapshot: Snapshot::new(&sample, None),
+            taken,
+        }
+    }
+
+    fn attribute<'a>(point: &'a [KeyValue], key: &str) -> Option<&'a str> {
+        point.iter().find(|kv| kv.key == key).and_then(|kv| {
+            match kv.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.as_str()),
+                _ => None,
+            }
+        })
+    }
+
+    #[test]
+    fn a_snapshot_becomes_cumulative_otlp_metrics_with_attributes() {
+        let view = View::new(
+            Selection {
+                exclude: vec!["/skip".into()],
+                ..Selection::default()
+            },
+            vec![("service.name".into(), "agent".into())],
+            Arc::default(),
+        );
+        let docker = format!("/system.slice/docker-{ID}.scope");
+        let request = request(
+            &view,
+            &published(vec![
+                cgroup(1, "/web"),
+                cgroup(2, &docker),
+                cgroup(3, "/skip"),
+            ]),
+        );
+        // It survives the wire.
+        let request =
+            ExportMetricsServiceRequest::decode(request.encode_to_vec().as_slice()).unwrap();
+        let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+        let find = |name: &str| metrics.iter().find(|m| m.name == name).unwrap();
+
+        let io = find("container.network.io");
+        assert_eq!(io.unit, "By");
+        let Some(Data::Sum(sum)) = &io.data else {
+            panic!("{io:?}")
+        };
+        assert!(sum.is_monotonic);
+        assert_eq!(
+            sum.aggregation_temporality,
+            AggregationTemporality::Cumulative as i32
+        );
+        // Two cgroups (the third excluded), two directions.
+        assert_eq!(sum.data_points.len(), 4);
+        let web_tx = sum
+            .data_points
+            .iter()
+            .find(|p| {
+                attribute(&p.attributes, "agent.cgroup.path") == Some("/web")
+                    && attribute(&p.attributes, "network.io.direction") == Some("transmit")
+            })
+            .unwrap();
+        assert_eq!(web_tx.value, Some(number_data_point::Value::AsInt(2560)));
+        assert_eq!(
+            attribute(&web_tx.attributes, "agent.workload.name"),
+            Some("web")
+        );
+        let container = sum
+            .data_points
+            .iter()
+            .find(|p| attribute(&p.attributes, "agent.cgroup.path") == Some(docker.as_str()))
+            .unwrap();
+        assert_eq!(attribute(&container.attributes, "container.id"), Some(ID));
+        assert_eq!(
+            attribute(&container.attributes, "container.runtime"),
+            Some("docker")
+        );
+
+        let Some(Data::Sum(cpu)) = &find("container.cpu.time").data else {
+            panic!()
+        };
+        assert_eq!(
+            cpu.data_points[0].value,
+            Some(number_data_point::Value::AsDouble(1.5))
+        );
+        let Some(Data::Sum(memory)) = &find("container.memory.usage").data else {
+            panic!()
+        };
+        assert!(!memory.is_monotonic);
+
+        let Some(Data::Histogram(latency)) = &find("agent.cgroup.cpu.runqueue.latency").data else {
+            panic!()
+        };
+        let point = &latency.data_points[0];
+        assert_eq!(point.count, 4);
+        assert_eq!(point.bucket_counts[1], 4);
+        assert_eq!(point.explicit_bounds.len() + 1, point.bucket_counts.len());
+        assert_eq!(point.max, Some(3.5e-6));
+        assert_eq!(point.sum, None);
+
+        // The daemon's own metrics carry no cgroup attributes; figures the
+        // host did not give (throttling here) have no points at all.
+        let Some(Data::Sum(failures)) = &find("agent.export.failures").data else {
+            panic!()
+        };
+        assert!(failures.data_points[0].attributes.is_empty());
+        assert!(metrics
+            .iter()
+            .all(|m| m.name != "agent.cgroup.cpu.throttled.time"));
+        assert_eq!(
+            request.resource_metrics[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes[0]
+                .key,
+            "service.name"
+        );
+    }
+}
