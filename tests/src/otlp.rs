@@ -27,7 +27,10 @@ use prost::Message as _;
 /// What the receiver got: each request and its size on the wire (protobuf bytes).
 type Log = Arc<Mutex<Vec<(ExportMetricsServiceRequest, usize)>>>;
 
-struct Service(Log);
+/// The headers (gRPC metadata) of the last request, lower-case names.
+type Headers = Arc<Mutex<Vec<(String, String)>>>;
+
+struct Service(Log, Headers);
 
 #[tonic::async_trait]
 impl MetricsService for Service {
@@ -35,6 +38,13 @@ impl MetricsService for Service {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        *self.1.lock().expect("receiver headers lock") = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
         let request = request.into_inner();
         let size = request.encoded_len();
         self.0
@@ -51,6 +61,7 @@ pub struct Receiver {
     pub endpoint: String,
     pub protocol: &'static str,
     log: Log,
+    headers: Headers,
     stop: Arc<AtomicBool>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     addr: SocketAddr,
@@ -69,7 +80,8 @@ impl Receiver {
         let addr = listener.local_addr().expect("receiver address");
         listener.set_nonblocking(true).expect("nonblocking");
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let service = Service(log.clone());
+        let headers: Headers = Arc::default();
+        let service = Service(log.clone(), headers.clone());
         thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -93,6 +105,7 @@ impl Receiver {
             endpoint: format!("http://{addr}"),
             protocol: "grpc",
             log,
+            headers,
             stop: Arc::default(),
             shutdown: Some(shutdown),
             addr,
@@ -105,15 +118,16 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the HTTP receiver");
         let addr = listener.local_addr().expect("receiver address");
         let stop = Arc::new(AtomicBool::new(false));
-        let (log2, stop2) = (log.clone(), stop.clone());
+        let headers: Headers = Arc::default();
+        let (log2, stop2, headers2) = (log.clone(), stop.clone(), headers.clone());
         thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
                     break;
                 }
                 if let Ok(stream) = stream {
-                    let log = log2.clone();
-                    thread::spawn(move || serve_http(stream, &log));
+                    let (log, headers) = (log2.clone(), headers2.clone());
+                    thread::spawn(move || serve_http(stream, &log, &headers));
                 }
             }
         });
@@ -121,6 +135,7 @@ impl Receiver {
             endpoint: format!("http://{addr}/v1/metrics"),
             protocol: "http/protobuf",
             log,
+            headers,
             stop,
             shutdown: None,
             addr,
@@ -135,6 +150,16 @@ impl Receiver {
             .iter()
             .map(|(r, _)| r.clone())
             .collect()
+    }
+
+    /// The value of a header of the last request (`name` in lower case).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .lock()
+            .expect("receiver headers lock")
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 
     /// Sizes (protobuf bytes) of every request so far.
@@ -182,7 +207,7 @@ impl Drop for Receiver {
 }
 
 /// Reads HTTP/1.1 requests off one connection (the exporter keeps it alive).
-fn serve_http(stream: TcpStream, log: &Log) {
+fn serve_http(stream: TcpStream, log: &Log, headers: &Headers) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut writer = stream;
     loop {
@@ -191,6 +216,7 @@ fn serve_http(stream: TcpStream, log: &Log) {
             return;
         }
         let mut length = 0usize;
+        let mut seen = Vec::new();
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -204,6 +230,7 @@ fn serve_http(stream: TcpStream, log: &Log) {
                 if name.eq_ignore_ascii_case("content-length") {
                     length = value.trim().parse().unwrap_or(0);
                 }
+                seen.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
             }
         }
         let mut body = vec![0u8; length];
@@ -213,6 +240,7 @@ fn serve_http(stream: TcpStream, log: &Log) {
         let ok = request_line.starts_with("POST /v1/metrics ");
         let status = match ExportMetricsServiceRequest::decode(body.as_slice()) {
             Ok(request) if ok => {
+                *headers.lock().expect("receiver headers lock") = seen;
                 log.lock()
                     .expect("receiver log lock")
                     .push((request, length));

@@ -97,6 +97,7 @@ fn export_over(receiver: &otlp::Receiver, by_env: bool) {
                     "deployment.environment=test,team=kernel",
                 ),
                 ("OTEL_SERVICE_NAME", "node-agent"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=kernel%20test"),
             ],
         )
     } else {
@@ -114,6 +115,8 @@ fn export_over(receiver: &otlp::Receiver, by_env: bool) {
                 "100ms",
                 "--resource-attributes",
                 "deployment.environment=test,team=kernel",
+                "--otlp-headers",
+                "x-tenant=kernel%20test",
             ],
         )
     };
@@ -218,6 +221,7 @@ fn export_over(receiver: &otlp::Receiver, by_env: bool) {
             assert!(point.max.is_some_and(|max| max > 0.0), "{point:?}");
         }
     }
+    assert_eq!(receiver.header("x-tenant").as_deref(), Some("kernel test"));
     // Resource attributes: the defaults and the ones given.
     let service = if by_env { "node-agent" } else { "agent" };
     assert_eq!(resource(&request, "service.name").as_deref(), Some(service));
