@@ -40,6 +40,10 @@ use crate::{
 /// detached and the pins removed, unless --keep-pinned: then the programs
 /// keep counting (and enforcing) and the next daemon started with the same
 /// --pin-dir takes them over without losing a packet.
+///
+/// With --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) it exports every
+/// per-cgroup metric over OTLP, and with --prometheus-listen it serves them
+/// in the Prometheus text format (see docs/metrics.md).
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     #[command(flatten)]
