@@ -664,6 +664,12 @@ fn an_agent_run_workload_is_exported_with_its_name() {
         std::thread::sleep(Duration::from_millis(100));
         text = metrics_text(port);
     }
+    // agent run makes its cgroups in every hierarchy: the memory figure is there.
+    let memory = scraped(
+        &text,
+        "container_memory_usage_bytes{agent_cgroup_path=\"/exported\",agent_workload_name=\"exported\"}",
+    );
+    assert!(memory > 0, "{text}");
     assert!(runs
         .agent(&["stop", "exported", "--timeout", "100ms"])
         .status
