@@ -3,7 +3,7 @@
 //! The data path, one stage per module (see ARCHITECTURE.md):
 //! kernel programs (`ebpf/`) → maps → [`collect`] (maps and cgroup tree →
 //! [`collect::Sample`]) → [`model`] (samples → [`model::Snapshot`] with rates)
-//! → consumers ([`cli`]: `stats`, `top`). [`loader`] is the only module that
+//! → consumers ([`cli`]: `stats`, `top`; [`export`]: OTLP and Prometheus). [`loader`] is the only module that
 //! touches `aya::Ebpf`; [`cgroup`] finds the hierarchy and walks it;
 //! [`workload`] creates the cgroups and namespaces of `agent run`.
 
@@ -15,6 +15,7 @@ pub mod cli;
 pub mod collect;
 pub mod enforce;
 pub mod events;
+pub mod export;
 pub mod loader;
 pub mod model;
 pub mod policy;

@@ -5,6 +5,8 @@
 //! The tests need root. They never skip: without root, a cgroup v2 mount or
 //! bpffs they fail, so CI cannot pass by not running them.
 
+pub mod otlp;
+
 use std::{
     ffi::CString,
     fs,
@@ -370,6 +372,16 @@ impl Daemon {
     }
 
     pub fn start_with_pins(cgroup_root: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(cgroup_root, pin_dir, extra, &[])
+    }
+
+    /// As [`Daemon::start_with_pins`], with these environment variables set.
+    pub fn start_with_env(
+        cgroup_root: &Path,
+        pin_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let run_dir = std::env::temp_dir().join(unique("agent-test-daemon"));
         fs::create_dir_all(&run_dir).expect("create the daemon's run dir");
         let mut child = Command::new(agent_bin())
@@ -383,6 +395,7 @@ impl Daemon {
             .arg("--audit-log")
             .arg(run_dir.join("audit.jsonl"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

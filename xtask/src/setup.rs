@@ -31,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iperf3",
+    // tests/tests/export.rs starts its own prometheus (2.42) on loopback.
+    "prometheus",
     "tmux",
     "iputils-ping",
     "busybox-static",

@@ -23,7 +23,9 @@ use crate::{
     collect::{Collector, Role, Sample},
     enforce::{DeviceEnforcer, Domain, Enforcer, NetworkEnforcer},
     events::{self, Hub, Record},
+    export::{self, Exporters},
     loader::{Attached, Guards, Options},
+    model::Snapshot,
     policy::{self, Policy, PolicyFile},
 };
 
@@ -38,6 +40,10 @@ use crate::{
 /// detached and the pins removed, unless --keep-pinned: then the programs
 /// keep counting (and enforcing) and the next daemon started with the same
 /// --pin-dir takes them over without losing a packet.
+///
+/// With --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) it exports every
+/// per-cgroup metric over OTLP, and with --prometheus-listen it serves them
+/// in the Prometheus text format (see docs/metrics.md).
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     #[command(flatten)]
@@ -81,6 +87,9 @@ pub struct DaemonArgs {
     /// How often to read the maps and drop the entries of removed cgroups.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = super::parse_duration)]
     pub interval: Duration,
+
+    #[command(flatten)]
+    pub export: export::ExportArgs,
 }
 
 /// See [`DaemonArgs::cpu_source`].
@@ -98,11 +107,13 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     super::require_root("agent daemon", super::FOR_EBPF)?;
     // An invalid policy file stops the start, with every problem.
     let policy = args.policy.as_deref().map(PolicySource::load).transpose()?;
+    // So do bad export settings (and a Prometheus address in use).
+    let export = export::Config::resolve(&args.export)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime failed")?;
-    runtime.block_on(serve(args, policy))
+    runtime.block_on(serve(args, policy, export))
 }
 
 /// The policy file and what was last read from it.
@@ -217,7 +228,11 @@ fn drain(ring: &mut RingBuf<MapData>, hub: &mut Hub, collector: &Collector) {
     }
 }
 
-async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::Result<()> {
+async fn serve(
+    args: &DaemonArgs,
+    mut policy: Option<PolicySource>,
+    export: export::Config,
+) -> anyhow::Result<()> {
     // Handlers first: a signal during set-up must still end in a clean exit.
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
@@ -265,7 +280,14 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
             .unwrap_or_default()
     );
 
-    let mut tick = tokio::time::interval(args.interval);
+    // The exporters run on their own thread; the loop only hands them a
+    // snapshot when one is due.
+    let tick_every = match &export.otlp {
+        Some(otlp) => args.interval.min(otlp.interval),
+        None => args.interval,
+    };
+    let mut exporters = Exporters::start(export)?;
+    let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch = tokio::time::interval(POLICY_WATCH);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -276,6 +298,13 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
         tokio::select! {
             _ = tick.tick() => {
                 let result = match args.cpu_source {
+                    CpuSource::Ebpf if exporters.due() => collector.sample().map(|sample| {
+                        exporters.publish(export::Published {
+                            snapshot: Snapshot::new(&sample, None),
+                            taken: sample.taken,
+                        });
+                        Some(sample)
+                    }),
                     CpuSource::Ebpf => collector.housekeep().map(Some),
                     CpuSource::Files => collector.poll_cpu_files().map(|_| None),
                 };
@@ -330,6 +359,7 @@ async fn serve(args: &DaemonArgs, mut policy: Option<PolicySource>) -> anyhow::R
             }
         }
     }
+    exporters.shutdown();
     let _ = std::fs::remove_file(&args.events_socket);
     let keep = args.keep_pinned;
     attached.shutdown(keep)?;

@@ -38,7 +38,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Daemon(daemon::DaemonArgs),
+    Daemon(Box<daemon::DaemonArgs>),
     Stats(stats::StatsArgs),
     Top(top::TopArgs),
     Run(Box<run::RunArgs>),

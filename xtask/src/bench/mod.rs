@@ -20,6 +20,9 @@ pub enum Which {
     /// ns per open/close of /dev/null with no program, an empty program, and
     /// 10- and 100-rule device policies.
     Dev(Common),
+    /// The daemon's CPU milliseconds and bytes per export at 10, 100 and
+    /// 1,000 cgroups: OTLP gRPC, OTLP HTTP/protobuf and a Prometheus scrape.
+    Export(Common),
 }
 
 #[derive(Args, Clone)]
@@ -74,6 +77,7 @@ pub fn run(which: Which, agent: &Path, root: &Path) -> Result<()> {
         ),
         Which::Sched(common) => ("sched", common, Vec::new()),
         Which::Dev(common) => ("dev", common, Vec::new()),
+        Which::Export(common) => ("export", common, Vec::new()),
     };
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])

@@ -3,6 +3,7 @@
 //! run, and prints a table of medians and ratios.
 
 mod dev;
+mod export;
 mod iperf;
 mod iptables;
 mod measure;
@@ -71,7 +72,7 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
     }
     Ok((
         which.ok_or(
-            "usage: agent-bench net|sched|dev [--seconds N] [--repeats N] [--out FILE] \
+            "usage: agent-bench net|sched|dev|export [--seconds N] [--repeats N] [--out FILE] \
              [--only SECTION,...] (net: throughput, policy, rate, iptables)",
         )?,
         options,
@@ -87,8 +88,9 @@ fn run(args: &[String]) -> Result<(), String> {
         "net" => net::run(&options),
         "sched" => sched::run(&options),
         "dev" => dev::run(&options),
+        "export" => export::run(&options),
         other => Err(format!(
-            "unknown benchmark {other:?} (known: net, sched, dev)"
+            "unknown benchmark {other:?} (known: net, sched, dev, export)"
         )),
     }
 }

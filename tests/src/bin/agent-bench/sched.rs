@@ -158,14 +158,14 @@ fn messaging(cgroup: &Cgroup) -> Result<f64, String> {
 /// N live cgroups under a benchmark root: a directory in the v2 hierarchy and
 /// in the v1 cpu and cpuacct hierarchies, each holding one sleeping process.
 /// Removed on drop.
-struct LiveCgroups {
+pub struct LiveCgroups {
     dirs: Vec<PathBuf>,
     sleepers: Vec<Child>,
     root_name: String,
 }
 
 impl LiveCgroups {
-    fn create(count: usize) -> Result<Self, String> {
+    pub fn create(count: usize) -> Result<Self, String> {
         let root_name = unique("agent-bench-live");
         // The v2 hierarchy (what the programs see) and, on hybrid hosts, the
         // v1 controllers that hold the CPU files polled in `files` mode.
@@ -208,7 +208,7 @@ impl LiveCgroups {
         Ok(live)
     }
 
-    fn v2_root(&self) -> PathBuf {
+    pub fn v2_root(&self) -> PathBuf {
         v2_mount().join(&self.root_name)
     }
 }
@@ -229,7 +229,7 @@ impl Drop for LiveCgroups {
 }
 
 /// CPU time a process has used, in ns (/proc/PID/schedstat, exact).
-fn cpu_time_ns(pid: u32) -> u64 {
+pub fn cpu_time_ns(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/schedstat"))
         .ok()
         .and_then(|text| text.split_whitespace().next().and_then(|n| n.parse().ok()))
