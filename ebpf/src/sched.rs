@@ -96,13 +96,24 @@ impl<T> TaskStorage<T> {
     /// The storage of `task` (a BTF task pointer), created when absent.
     #[inline(always)]
     fn get_or_create(&self, task: *mut c_void) -> Option<*mut T> {
+        self.get_with(task, STORAGE_CREATE)
+    }
+
+    /// The storage of `task`, if it has one.
+    #[inline(always)]
+    fn get(&self, task: *mut c_void) -> Option<*mut T> {
+        self.get_with(task, 0)
+    }
+
+    #[inline(always)]
+    fn get_with(&self, task: *mut c_void, flags: u64) -> Option<*mut T> {
         // SAFETY: `task` comes from a tp_btf argument (a trusted pointer).
         let value = unsafe {
             bpf_task_storage_get(
                 core::ptr::from_ref(self).cast_mut().cast(),
                 task.cast(),
                 core::ptr::null_mut(),
-                STORAGE_CREATE,
+                flags,
             )
         };
         (!value.is_null()).then_some(value.cast())
@@ -167,13 +178,26 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let prev: *mut c_void = ctx.arg(1);
     let prev_state: u64 = ctx.arg(3);
-    // SAFETY: helpers without pointer arguments. pid 0 is the idle task,
-    // which belongs to no cgroup.
-    if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
-        return 0;
-    }
-    // SAFETY: as above.
+    // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    // Only tasks in scope get storage, and never the idle task: one that
+    // has it and is still in the cgroup it left from last time needs no
+    // further check (the common case, two helper calls fewer).
+    let state = match SCHED_TASKS.get(prev) {
+        // SAFETY: the task's storage.
+        Some(state) if unsafe { (*state).cgroup_id } == id => state,
+        _ => {
+            // SAFETY: helpers without pointer arguments. pid 0 is the idle
+            // task, which belongs to no cgroup.
+            if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
+                return 0;
+            }
+            match SCHED_TASKS.get_or_create(prev) {
+                Some(state) => state,
+                None => return 0,
+            }
+        }
+    };
     let Some(counters) = counters(id) else {
         return 0;
     };
@@ -196,9 +220,6 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             .cast::<u8>()
             .add(TASK_RUN_DELAY_OFFSET.load() as usize)
             .cast::<u64>();
-        let Some(state) = SCHED_TASKS.get_or_create(prev) else {
-            return 0;
-        };
         // Known since its last switch out (or its creation): the wait before
         // this run is what run_delay grew by. A task first seen now has no
         // known baseline, so its first wait is not sampled.
