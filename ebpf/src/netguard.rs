@@ -253,11 +253,64 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     }
 }
 
+/// `N` bytes at `offset` of the packet's linear data, read directly (no
+/// helper call), if the linear data holds them.
+#[inline(always)]
+fn direct<const N: usize>(data: usize, end: usize, offset: usize) -> Option<[u8; N]> {
+    let start = data + offset;
+    if start + N > end {
+        return None;
+    }
+    // SAFETY: within [data, data_end), which the verifier checks too.
+    Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+}
+
 /// Reads the IP header and, for the first fragment of TCP and UDP, the
-/// ports. Extension headers of IPv6 are not walked: a packet with one
-/// matches rules of protocol `any` without ports only.
+/// ports: straight from the linear data when it holds them (nearly always:
+/// the stack has pulled the headers by the time cgroup_skb runs), else
+/// through `bpf_skb_load_bytes`. Extension headers of IPv6 are not walked:
+/// a packet with one matches rules of protocol `any` without ports only.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    // SAFETY: __sk_buff fields the verifier turns into packet pointers.
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
+    if let Some(header) = direct::<20>(data, end, 0) {
+        if header[0] >> 4 == 4 {
+            let mut packet = Packet {
+                family: FAMILY_V4,
+                protocol: header[9],
+                src: [0; 16],
+                dst: [0; 16],
+                src_port: 0,
+                dst_port: 0,
+            };
+            packet.src[..4].copy_from_slice(&header[12..16]);
+            packet.dst[..4].copy_from_slice(&header[16..20]);
+            let offset = (u16::from(header[6] & 0x1f) << 8) | u16::from(header[7]);
+            if offset == 0 && (packet.protocol == PROTO_TCP || packet.protocol == PROTO_UDP) {
+                let at = usize::from(header[0] & 0x0f) * 4;
+                let ports = match direct::<4>(data, end, at) {
+                    Some(ports) => ports,
+                    None => ctx.load::<[u8; 4]>(at).ok()?,
+                };
+                packet.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+                packet.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+            }
+            return Some(packet);
+        }
+    }
+    parse_loaded(ctx)
+}
+
+/// [`parse`] through `bpf_skb_load_bytes`: IPv6, and headers outside the
+/// linear data.
+#[inline(always)]
+fn parse_loaded(ctx: &SkBuffContext) -> Option<Packet> {
     let first: u8 = ctx.load(0).ok()?;
     let mut packet = Packet {
         family: 0,
