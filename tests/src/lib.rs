@@ -746,6 +746,51 @@ impl PolicyFile {
     pub fn arg(&self) -> String {
         self.0.display().to_string()
     }
+
+    /// Switches the daemon reading this file between policies `a` and `b`
+    /// `times` times (a rewrite and SIGHUP each), each time waiting until
+    /// `version` (the version in force for the cgroup under test) changes;
+    /// panics with the daemon's log when one does not take effect in 5 s.
+    pub fn switch(
+        &self,
+        daemon: &Daemon,
+        (a, b): (&str, &str),
+        times: usize,
+        version: impl Fn() -> Option<u32>,
+    ) {
+        let mut current = version().expect("a policy in force");
+        for switch in 0..times {
+            self.write(if switch % 2 == 0 { b } else { a });
+            daemon.hangup();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = version().expect("a policy in force");
+                if now != current {
+                    current = now;
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "switch {switch} did not take effect:\n{}",
+                    daemon.log()
+                );
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+/// The last line of a verdict loop (`devpeer loop`, `netpeer verdicts`):
+/// `VERB COUNT wrong N`. Returns `(COUNT, N)` after checking its shape.
+pub fn loop_report(stdout: &[u8], verb: &str) -> (u64, u64) {
+    let report = String::from_utf8_lossy(stdout).trim().to_owned();
+    let words: Vec<&str> = report.split_whitespace().collect();
+    assert!(
+        words.len() == 4 && words[0] == verb && words[2] == "wrong",
+        "not a \"{verb} N wrong N\" report: {report:?}"
+    );
+    let number = |word: &str| word.parse::<u64>().unwrap_or_else(|_| panic!("{report:?}"));
+    (number(words[1]), number(words[3]))
 }
 
 impl Drop for PolicyFile {

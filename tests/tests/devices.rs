@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{agent_bin, attachments, require_root, unique, Cgroup, Daemon, PolicyFile, Runs};
+use agent_tests::{
+    agent_bin, attachments, loop_report, require_root, unique, Cgroup, Daemon, PolicyFile, Runs,
+};
 
 /// The device helper binary, next to the agent.
 fn devpeer() -> PathBuf {
@@ -156,25 +158,9 @@ fn a_thousand_policy_switches_give_no_wrong_verdict_and_no_extra_program() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the device loop");
-    let mut version = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
-    for switch in 0..1000 {
-        file.write(if switch % 2 == 0 { &b } else { &a });
-        daemon.hangup();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
-            if now != version {
-                version = now;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "switch {switch} did not take effect:\n{}",
-                daemon.log()
-            );
-            thread::sleep(Duration::from_micros(200));
-        }
-    }
+    file.switch(&daemon, (&a, &b), 1000, || {
+        version_in_force(&daemon.pin_dir, box_.id())
+    });
     assert_eq!(
         attachments(&root.path),
         programs_at_start,
@@ -183,17 +169,9 @@ fn a_thousand_policy_switches_give_no_wrong_verdict_and_no_extra_program() {
     // Closing its input ends the loop that ran through all the switches.
     drop(worker.stdin.take());
     let out = worker.wait_with_output().expect("the device loop ends");
-    let report = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let words: Vec<&str> = report.split_whitespace().collect();
-    assert_eq!(
-        (words[0], words[2], words[3]),
-        ("opens", "wrong", "0"),
-        "{report}"
-    );
-    assert!(
-        words[1].parse::<u64>().unwrap() > 1000,
-        "it kept opening throughout: {report}"
-    );
+    let (opens, wrong) = loop_report(&out.stdout, "opens");
+    assert_eq!(wrong, 0, "wrong verdicts in {opens} opens");
+    assert!(opens > 1000, "it kept opening throughout: {opens} opens");
 }
 
 #[test]
@@ -242,14 +220,12 @@ fn no_verdict_is_wrong_while_the_policy_switches() {
     });
     let out = worker.expect("run the device loop");
     let switches = switcher.join().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let words: Vec<&str> = report.split_whitespace().collect();
+    let (opens, wrong) = loop_report(&out.stdout, "opens");
     assert_eq!(
-        (words[0], words[2], words[3]),
-        ("opens", "wrong", "0"),
-        "{report} during {switches} switches"
+        wrong, 0,
+        "wrong verdicts in {opens} opens during {switches} switches"
     );
-    assert!(words[1].parse::<u64>().unwrap() > 1000, "{report}");
+    assert!(opens > 1000, "{opens} opens");
     assert!(
         daemon.log().matches("reloaded (SIGHUP)").count() > 100,
         "the policy did switch"

@@ -12,8 +12,8 @@ use std::{
 };
 
 use agent_tests::{
-    attachments, net_of, netpeer_bin, require_root, wait_for_line, Cgroup, Daemon, Netns,
-    PolicyFile, Runs, VethPair,
+    attachments, loop_report, net_of, netpeer_bin, require_root, wait_for_line, Cgroup, Daemon,
+    Netns, PolicyFile, Runs, VethPair,
 };
 use serde_json::{json, Value};
 
@@ -482,25 +482,9 @@ fn a_thousand_switches_under_traffic_give_no_wrong_verdict_and_no_extra_program(
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the verdict loop");
-    let mut version = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
-    for switch in 0..1000 {
-        file.write(if switch % 2 == 0 { &b } else { &a });
-        daemon.hangup();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = version_in_force(&daemon.pin_dir, box_.id()).expect("a policy in force");
-            if now != version {
-                version = now;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "switch {switch} did not take effect:\n{}",
-                daemon.log()
-            );
-            thread::sleep(Duration::from_micros(200));
-        }
-    }
+    file.switch(&daemon, (&a, &b), 1000, || {
+        version_in_force(&daemon.pin_dir, box_.id())
+    });
     assert_eq!(
         attachments(&root.path),
         programs_at_start,
@@ -508,17 +492,9 @@ fn a_thousand_switches_under_traffic_give_no_wrong_verdict_and_no_extra_program(
     );
     drop(worker.stdin.take());
     let out = worker.wait_with_output().expect("the verdict loop ends");
-    let report = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let words: Vec<&str> = report.split_whitespace().collect();
-    assert_eq!(
-        (words[0], words[2], words[3]),
-        ("sends", "wrong", "0"),
-        "{report}"
-    );
-    assert!(
-        words[1].parse::<u64>().unwrap() > 2000,
-        "it kept sending throughout: {report}"
-    );
+    let (sends, wrong) = loop_report(&out.stdout, "sends");
+    assert_eq!(wrong, 0, "wrong verdicts in {sends} sends");
+    assert!(sends > 2000, "it kept sending throughout: {sends} sends");
 }
 
 #[test]
