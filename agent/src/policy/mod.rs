@@ -99,6 +99,22 @@ impl Checker {
         });
     }
 
+    /// The `default` of a rule list at `place`: "allow" or "deny", else a
+    /// problem at `place.default`.
+    pub(crate) fn default_action(&mut self, value: &Value, place: &str) -> Option<Action> {
+        match value {
+            Value::String(text) if text == "allow" => Some(Action::Allow),
+            Value::String(text) if text == "deny" => Some(Action::Deny),
+            other => {
+                self.problem(
+                    format!("{place}.default"),
+                    format!("{} is neither \"allow\" nor \"deny\"", shown(other)),
+                );
+                None
+            }
+        }
+    }
+
     fn strings(&mut self, value: Option<&Value>, place: &str) -> Vec<String> {
         match value {
             None | Some(Value::Null) => Vec::new(),
@@ -144,17 +160,9 @@ impl Checker {
             );
         }
         let default = match fields.get("default") {
-            Some(Value::String(text)) if text == "allow" => Some(Action::Allow),
-            Some(Value::String(text)) if text == "deny" => Some(Action::Deny),
+            Some(value) => self.default_action(value, place),
             None => {
                 self.problem(place, "\"default\" is missing: say \"allow\" or \"deny\"");
-                None
-            }
-            Some(other) => {
-                self.problem(
-                    format!("{place}.default"),
-                    format!("{} is neither \"allow\" nor \"deny\"", shown(other)),
-                );
                 None
             }
         };

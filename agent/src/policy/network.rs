@@ -590,18 +590,9 @@ impl Checker {
             bits_per_s,
             burst_bytes: burst.unwrap_or_else(|| default_burst(bits_per_s, egress)),
         });
-        let default = match fields.get("default") {
-            None => None,
-            Some(Value::String(text)) if text == "allow" => Some(Action::Allow),
-            Some(Value::String(text)) if text == "deny" => Some(Action::Deny),
-            Some(other) => {
-                self.problem(
-                    format!("{place}.default"),
-                    format!("{} is neither \"allow\" nor \"deny\"", shown(other)),
-                );
-                None
-            }
-        };
+        let default = fields
+            .get("default")
+            .and_then(|value| self.default_action(value, place));
         let mut rules = Vec::new();
         match fields.get("rules") {
             None | Some(Value::Null) => {}
