@@ -333,7 +333,13 @@ fn cpu(sched: &SchedCounters, resources: &Resources) -> Cpu {
         throttled_periods: resources.throttled_periods,
         runqueue_latency: Latency::from_buckets(
             &sched.latency,
-            (sched.latency_max_ns > 0).then_some(sched.latency_max_ns),
+            // A wait of 0 ns is a real sample (the task ran the moment it
+            // was queued): the longest wait is known whenever any was seen.
+            sched
+                .latency
+                .iter()
+                .any(|&count| count > 0)
+                .then_some(sched.latency_max_ns),
         ),
         percent: None,
         runqueue_latency_interval: None,
@@ -678,5 +684,18 @@ mod tests {
         );
         counts[0] = 0;
         assert_eq!(quantile(&counts, 0.5, None), Some(1_536_000));
+    }
+
+    #[test]
+    fn waits_of_zero_ns_have_a_known_maximum_of_zero() {
+        let mut sched = SchedCounters::ZERO;
+        let none = cpu(&sched, &Resources::default()).runqueue_latency;
+        assert_eq!((none.count, none.max_ns, none.p50_ns), (0, None, None));
+        sched.latency[0] = 28;
+        let zero = cpu(&sched, &Resources::default()).runqueue_latency;
+        assert_eq!(
+            (zero.count, zero.max_ns, zero.p50_ns),
+            (28, Some(0), Some(0))
+        );
     }
 }
