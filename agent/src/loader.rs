@@ -27,7 +27,7 @@ use common::{
     netpolicy::{GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
     AGENT_INFO_PATH_MAX, EVENT_RATE, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID,
-    SCHED_ROOT_LEVEL, TASK_RUN_DELAY_OFFSET,
+    SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET, TASK_RUN_DELAY_OFFSET,
 };
 
 use crate::{bpffs, sys};
@@ -85,7 +85,7 @@ const RAW_TRACEPOINTS: [&str; 3] = [
 /// BTF tracepoint programs, each named as its tracepoint: the scheduler accounting.
 const BTF_TRACEPOINTS: [&str; 4] = [
     programs::SCHED_SWITCH,
-    programs::SCHED_STAT_RUNTIME,
+    programs::SCHED_TICK,
     programs::TASK_NEWTASK,
     programs::SCHED_PROCESS_EXIT,
 ];
@@ -538,11 +538,12 @@ impl Attached {
             armed: true,
         };
 
-        let run_delay = run_delay_offset()?;
+        let (run_delay, exec) = task_offsets()?;
         let mut loader = EbpfLoader::new();
         // The task local storage map has no aya type; only the kernel uses it.
         loader.allow_unsupported_maps();
         loader.override_global(TASK_RUN_DELAY_OFFSET, &run_delay, true);
+        loader.override_global(TASK_EXEC_OFFSET, &exec, true);
         loader.map_max_entries(maps::NET_OVERFLOW, options.max_cgroups);
         loader.map_max_entries(maps::SCHED_OVERFLOW, options.max_cgroups);
         let (root_level, root_id) = root_position(&options.cgroup_root)?;
@@ -874,22 +875,29 @@ pub fn guard_workload(
     ))
 }
 
-/// Where this kernel keeps `task_struct.sched_info.run_delay`.
-fn run_delay_offset() -> Result<u64, Error> {
+/// Where this kernel keeps `task_struct.sched_info.run_delay` and
+/// `task_struct.se.sum_exec_runtime`.
+fn task_offsets() -> Result<(u64, u64), Error> {
     let btf = crate::btf::Btf::from_sys_fs().map_err(|source| Error::Btf {
         source: Box::new(source),
     })?;
-    let (offset, size) = btf
-        .member_offset("task_struct", &["sched_info", "run_delay"])
-        .map_err(|source| Error::Btf {
-            source: Box::new(source),
-        })?;
-    if size != 8 {
-        return Err(Error::Btf {
-            source: "task_struct.sched_info.run_delay is not 8 bytes".into(),
-        });
-    }
-    Ok(offset as u64)
+    let offset = |path: &[&str]| -> Result<u64, Error> {
+        let (offset, size) =
+            btf.member_offset("task_struct", path)
+                .map_err(|source| Error::Btf {
+                    source: Box::new(source),
+                })?;
+        if size != 8 {
+            return Err(Error::Btf {
+                source: format!("task_struct.{} is not 8 bytes", path.join(".")).into(),
+            });
+        }
+        Ok(offset as u64)
+    };
+    Ok((
+        offset(&["sched_info", "run_delay"])?,
+        offset(&["se", "sum_exec_runtime"])?,
+    ))
 }
 
 /// The level of `root` in the v2 hierarchy (0 for its mount point) and its id.

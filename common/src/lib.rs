@@ -23,7 +23,7 @@ pub const SLOT_RECLAIMING: u64 = u64::MAX;
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.
@@ -134,7 +134,8 @@ pub mod programs {
     pub const CGROUP_RENAME: &str = "cgroup_rename";
     /// BTF tracepoints of the scheduler accounting (named as their tracepoints).
     pub const SCHED_SWITCH: &str = "sched_switch";
-    pub const SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
+    /// The tick: charges the CPU time of a task that runs without switching.
+    pub const SCHED_TICK: &str = "hrtimer_expire_entry";
     pub const TASK_NEWTASK: &str = "task_newtask";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     /// cgroup_device: enforces device policies (attached only where asked).
@@ -153,7 +154,7 @@ pub mod programs {
     /// baseline of `cargo xtask bench sched`.
     pub const SCHED_EMPTY: [(&str, &str); 4] = [
         (SCHED_SWITCH, "sched_empty_switch"),
-        (SCHED_STAT_RUNTIME, "sched_empty_runtime"),
+        (SCHED_TICK, "sched_empty_tick"),
         (TASK_NEWTASK, "sched_empty_newtask"),
         (SCHED_PROCESS_EXIT, "sched_empty_exit"),
     ];
@@ -170,6 +171,9 @@ pub const SCHED_ROOT_LEVEL: &str = "SCHED_ROOT_LEVEL";
 pub const SCHED_ROOT_ID: &str = "SCHED_ROOT_ID";
 /// Name of the global holding the offset of `task_struct.sched_info.run_delay`.
 pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
+/// Name of the global (in `.rodata`) holding the offset of
+/// `task_struct.se.sum_exec_runtime`, from the kernel's BTF.
+pub const TASK_EXEC_OFFSET: &str = "TASK_EXEC_OFFSET";
 
 /// Name of the global with the event rate limit, in events per second per
 /// CPU (also the burst).

@@ -110,9 +110,10 @@ pub struct SchedSlot {
 
 /// Every sched slot of one CPU (32 KiB, the largest per-CPU map value).
 ///
-/// The sched programs never run nested on one CPU (sched_switch runs with
-/// interrupts off, the others with preemption off, and none in interrupts),
-/// so plain adds are exact.
+/// Plain adds are exact: sched_switch runs with interrupts off, task_newtask
+/// and sched_process_exit with preemption off, and the one program that runs
+/// in interrupts (the tick, on hrtimer_expire_entry) adds only to `cpu_ns`,
+/// which no interruptible program writes.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SchedSlotTable {
@@ -124,11 +125,20 @@ pub struct SchedSlotTable {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskState {
     /// Its `sched_info.run_delay` (total ns waited in run queues) at its last
-    /// switch out.
+    /// switch out; [`TaskState::UNKNOWN`] when first seen running (at a tick),
+    /// so that its next wait is not sampled.
     pub run_delay_ns: u64,
-    /// Its cgroup at its last switch out, or its parent's for a new task; 0
-    /// while unknown.
+    /// Its `se.sum_exec_runtime` (total ns on a CPU, as the kernel charges
+    /// its cgroup) when last charged: at its last switch out or tick.
+    pub exec_ns: u64,
+    /// Its cgroup when last charged, or its parent's for a new task; 0 while
+    /// unknown (then neither baseline is known).
     pub cgroup_id: u64,
+}
+
+impl TaskState {
+    /// A baseline not known yet.
+    pub const UNKNOWN: u64 = u64::MAX;
 }
 
 #[cfg(test)]

@@ -5,9 +5,14 @@
 //! Everything is charged to the *current* task's cgroup
 //! (`bpf_get_current_cgroup_id`), at a moment when the current task is the one
 //! concerned, and nothing reads a clock:
-//! - on-CPU time comes from `sched_stat_runtime`, which carries the very
-//!   delta the kernel adds to the task's runtime and charges to its cgroup
-//!   (cpuacct.usage, cpu.stat usage_usec), so the two agree exactly;
+//! - on-CPU time is the growth of the task's `se.sum_exec_runtime` (read
+//!   through BTF), the very deltas the kernel charges to its cgroup
+//!   (cpuacct.usage, cpu.stat usage_usec), so the two agree exactly. It is
+//!   charged when the task switches out, and at each tick (the
+//!   `hrtimer_expire_entry` tracepoint, in interrupts) for a task that runs
+//!   without switching. The scheduler's own `sched_stat_runtime` would give
+//!   the same deltas, but fires two to four times per switch: one program
+//!   run per switch instead of three is most of what accounting costs;
 //! - at `sched_switch`, `prev` is still current: its switch is counted, and
 //!   its run-queue wait before this run is the growth of its
 //!   `sched_info.run_delay` (kept by the kernel, read through BTF at an offset
@@ -22,7 +27,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_task_storage_get,
+        bpf_get_current_task_btf, bpf_task_storage_get,
     },
     macros::{btf_map, btf_tracepoint, map},
     maps::{Array, PerCpuArray, PerCpuHashMap},
@@ -46,6 +51,9 @@ static SCHED_ROOT_ID: Global<u64> = Global::new(0);
 /// Offset of `task_struct.sched_info.run_delay`, from the kernel's BTF.
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFFSET: Global<u64> = Global::new(0);
+/// Offset of `task_struct.se.sum_exec_runtime`, from the kernel's BTF.
+#[unsafe(no_mangle)]
+static TASK_EXEC_OFFSET: Global<u64> = Global::new(0);
 
 /// `clone_flags` bit of a new thread (not a process).
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -172,31 +180,68 @@ fn overflow(id: u64) -> Option<*mut SchedCounters> {
         .or_else(|| UNCOUNTED.get_ptr_mut(0))
 }
 
+/// A `u64` field of a task at `offset` (one of the offsets from the BTF).
+///
+/// # Safety
+/// `task` is a trusted task pointer and `offset` that of a `u64` field.
+#[inline(always)]
+unsafe fn task_u64(task: *mut c_void, offset: u64) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { *task.cast::<u8>().add(offset as usize).cast::<u64>() }
+}
+
+/// The storage of the current task (`task`) in cgroup `id`, if it is counted:
+/// one that has storage and was last charged in this cgroup needs no further
+/// check (the common case, two helper calls fewer). Else it must be a real
+/// task (pid 0 is the idle task, which belongs to no cgroup) under the
+/// watched root; its storage is created then, with no baselines.
+#[inline(always)]
+fn current_state(task: *mut c_void, id: u64) -> Option<*mut TaskState> {
+    if let Some(state) = SCHED_TASKS.get(task) {
+        // SAFETY: the task's storage.
+        if unsafe { (*state).cgroup_id } == id {
+            return Some(state);
+        }
+    }
+    // SAFETY: helpers without pointer arguments.
+    if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
+        return None;
+    }
+    SCHED_TASKS.get_or_create(task)
+}
+
+/// Charges `counters` (of the task's cgroup) the CPU time the current task has had since it was
+/// last charged (the growth of its `sum_exec_runtime`, the same deltas the
+/// kernel adds to the cgroup's usage), and moves the baseline on. A task
+/// seen for the first time only gets its baseline.
+///
+/// # Safety
+/// `task` is the current task (a trusted pointer) and `state` its storage.
+#[inline(always)]
+unsafe fn charge(task: *mut c_void, state: *mut TaskState, counters: *mut SchedCounters) {
+    // SAFETY (whole block): the caller's contract; the offset is
+    // task_struct.se.sum_exec_runtime, a u64, per the kernel's BTF.
+    unsafe {
+        let exec = task_u64(task, TASK_EXEC_OFFSET.load());
+        if (*state).cgroup_id != 0 && exec > (*state).exec_ns {
+            add(&raw mut (*counters).cpu_ns, exec - (*state).exec_ns);
+        }
+        (*state).exec_ns = exec;
+    }
+}
+
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
     let preempt: u64 = ctx.arg(0);
     let prev: *mut c_void = ctx.arg(1);
     let prev_state: u64 = ctx.arg(3);
+    // prev is still current. The scheduler has just brought its runtime up
+    // to date (put_prev_task runs before this tracepoint).
     // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    // Only tasks in scope get storage, and never the idle task: one that
-    // has it and is still in the cgroup it left from last time needs no
-    // further check (the common case, two helper calls fewer).
-    let state = match SCHED_TASKS.get(prev) {
-        // SAFETY: the task's storage.
-        Some(state) if unsafe { (*state).cgroup_id } == id => state,
-        _ => {
-            // SAFETY: helpers without pointer arguments. pid 0 is the idle
-            // task, which belongs to no cgroup.
-            if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
-                return 0;
-            }
-            match SCHED_TASKS.get_or_create(prev) {
-                Some(state) => state,
-                None => return 0,
-            }
-        }
+    let Some(state) = current_state(prev, id) else {
+        return 0;
     };
     let Some(counters) = counters(id) else {
         return 0;
@@ -216,15 +261,14 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             },
             1,
         );
-        let run_delay = *prev
-            .cast::<u8>()
-            .add(TASK_RUN_DELAY_OFFSET.load() as usize)
-            .cast::<u64>();
+        charge(prev, state, counters);
+        let run_delay = task_u64(prev, TASK_RUN_DELAY_OFFSET.load());
         // Known since its last switch out (or its creation): the wait before
         // this run is what run_delay grew by. A task first seen now has no
         // known baseline, so its first wait is not sampled.
-        if (*state).cgroup_id != 0 && run_delay >= (*state).run_delay_ns {
-            let wait = run_delay - (*state).run_delay_ns;
+        let known = (*state).run_delay_ns;
+        if (*state).cgroup_id != 0 && known != TaskState::UNKNOWN && run_delay >= known {
+            let wait = run_delay - known;
             let bucket = latency_bucket(wait);
             if bucket < LATENCY_BUCKETS {
                 add(&raw mut (*counters).latency[bucket], 1);
@@ -239,32 +283,34 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "sched_stat_runtime")]
-pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
-    // TP_PROTO(struct task_struct *tsk, u64 runtime): the delta the kernel
-    // just added to tsk's runtime and to its cgroup's CPU usage.
-    let task: *mut c_void = ctx.arg(0);
-    let runtime: u64 = ctx.arg(1);
-    // SAFETY: a helper without pointer arguments.
-    let id = if unsafe { bpf_get_current_task() } == task as u64 {
-        if !in_scope() {
-            return 0;
-        }
-        // SAFETY: as above.
-        unsafe { bpf_get_current_cgroup_id() }
-    } else {
-        // Another CPU's running task, updated from here (a remote enqueue):
-        // its cgroup as seen at its last switch out.
-        match SCHED_TASKS.get_or_create(task) {
-            // SAFETY: the task's storage.
-            Some(state) if unsafe { (*state).cgroup_id } != 0 => unsafe { (*state).cgroup_id },
-            _ => return 0,
-        }
+/// The tick (and every other hrtimer, in interrupts): charges the CPU time
+/// of the interrupted task, so that a task that runs for long without
+/// switching is counted as it goes, not only when it leaves the CPU. Its
+/// runtime is as of the scheduler's last update (at most a tick behind).
+#[btf_tracepoint(function = "hrtimer_expire_entry")]
+pub fn hrtimer_expire_entry(_ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: helpers without pointer arguments; the task is current.
+    let (task, id) = unsafe {
+        (
+            bpf_get_current_task_btf().cast::<c_void>(),
+            bpf_get_current_cgroup_id(),
+        )
     };
-    if let Some(counters) = counters(id) {
-        // SAFETY: this CPU's counters; tracepoints run with preemption off,
-        // and no program touching them runs in interrupts.
-        unsafe { add(&raw mut (*counters).cpu_ns, runtime) };
+    let Some(state) = current_state(task, id) else {
+        return 0;
+    };
+    let Some(counters) = counters(id) else {
+        return 0;
+    };
+    // SAFETY: the current task and its storage; this CPU's counters, of
+    // which programs that interrupts can interrupt never write cpu_ns.
+    unsafe {
+        if (*state).cgroup_id == 0 {
+            // First seen, mid-run: its wait before this run is unknown.
+            (*state).run_delay_ns = TaskState::UNKNOWN;
+        }
+        charge(task, state, counters);
+        (*state).cgroup_id = id;
     }
     0
 }
@@ -284,6 +330,7 @@ pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
         // SAFETY: the new task's storage.
         unsafe {
             (*state).run_delay_ns = 0;
+            (*state).exec_ns = 0;
             (*state).cgroup_id = id;
         }
     }
@@ -316,8 +363,8 @@ pub fn sched_empty_switch(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "sched_stat_runtime")]
-pub fn sched_empty_runtime(_ctx: BtfTracePointContext) -> i32 {
+#[btf_tracepoint(function = "hrtimer_expire_entry")]
+pub fn sched_empty_tick(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

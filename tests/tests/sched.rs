@@ -105,6 +105,33 @@ fn on_cpu_time_agrees_with_the_cgroups_own_counter() {
 }
 
 #[test]
+fn a_loop_that_keeps_its_cpu_is_counted_while_it_runs() {
+    let runs = Runs::new();
+    let daemon = daemon_for(&runs);
+    // Uncapped and alone on CPU 1: it switches out rarely, so only the tick
+    // keeps its count current.
+    let mut child = runs.spawn(
+        &["--name", "spin", "--cpuset", "1"],
+        &["timeout", "4", "sh", "-c", "while :; do :; done"],
+    );
+    runs.wait_running("spin");
+    thread::sleep(Duration::from_millis(1500));
+    // Ours, then the kernel's counter right after: ours lags by at most a
+    // tick or two (4 ms each at HZ=250), and cannot be ahead.
+    let ebpf = u64_of(&stats_of(&daemon, "spin")["cpu"]["usage_ns"]);
+    let kernel = kernel_cpu_ns(&runs, "spin");
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let ratio = ebpf as f64 / kernel as f64;
+    eprintln!("running: eBPF {ebpf} ns, then the cgroup's {kernel} ns ({ratio:.5})");
+    assert!(kernel > 1_000_000_000, "it ran: {kernel} ns");
+    assert!(
+        (0.98..=1.0).contains(&ratio),
+        "eBPF {ebpf} ns vs the cgroup's {kernel} ns read right after ({ratio:.4})"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(124), "timeout ends the loop");
+}
+
+#[test]
 fn two_loops_on_one_cpu_wait_milliseconds_and_a_sleeper_microseconds() {
     let runs = Runs::new();
     let daemon = daemon_for(&runs);

@@ -140,7 +140,7 @@ pub const METRICS: &[Metric<CgroupSnapshot>] = &[
         instrument: Instrument::Counter,
         description: "Time the cgroup's tasks spent on a CPU.",
         attributes: &[],
-        source: "eBPF: tp_btf/sched_stat_runtime (the runtime the kernel charges)",
+        source: "eBPF: tp_btf/sched_switch and the tick (growth of se.sum_exec_runtime, the runtime the kernel charges)",
         points: |c| single(Some(Value::Double(seconds(c.cpu.usage_ns)))),
     },
     Metric {

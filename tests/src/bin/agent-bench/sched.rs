@@ -4,7 +4,7 @@
 //!    messaging`, with no program, with empty programs on the same BTF
 //!    tracepoints, and with the real `agent daemon` (watching the whole host,
 //!    as in production), interleaved run by run.
-//! 2. ns per run of the sched_switch and sched_stat_runtime programs, from
+//! 2. ns per run of the sched_switch and tick (hrtimer_expire_entry) programs, from
 //!    `kernel.bpf_stats_enabled`, in separate runs of the pipe load.
 //! 3. The daemon's own CPU time at 10, 100 and 1,000 live cgroups (each with a
 //!    sleeping process) sampled every second, getting the CPU figures from
@@ -100,7 +100,7 @@ fn attach(mode: Mode) -> Result<Attached, String> {
             };
             let (switch_id, runtime_id) = (
                 program_of(common::programs::SCHED_SWITCH),
-                program_of(common::programs::SCHED_STAT_RUNTIME),
+                program_of(common::programs::SCHED_TICK),
             );
             Ok(Attached {
                 _ebpf: None,
@@ -384,7 +384,10 @@ pub fn run(options: &Options) -> Result<(), String> {
         "| program | empty (ns/run) | accounting (ns/run) | accounting - empty |"
     );
     let _ = writeln!(table, "|---|---:|---:|---:|");
-    for (program, name) in ["sched_switch", "sched_stat_runtime"].iter().enumerate() {
+    for (program, name) in ["sched_switch", "hrtimer_expire_entry (tick)"]
+        .iter()
+        .enumerate()
+    {
         let (empty, accounting) = (&ns[0][program], &ns[1][program]);
         let _ = writeln!(
             table,
