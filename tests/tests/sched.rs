@@ -128,7 +128,11 @@ fn a_loop_that_keeps_its_cpu_is_counted_while_it_runs() {
         (0.98..=1.0).contains(&ratio),
         "eBPF {ebpf} ns vs the cgroup's {kernel} ns read right after ({ratio:.4})"
     );
-    assert_eq!(child.wait().unwrap().code(), Some(124), "timeout ends the loop");
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(124),
+        "timeout ends the loop"
+    );
 }
 
 #[test]

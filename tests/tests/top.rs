@@ -151,7 +151,8 @@ fn rows(screen: &str) -> Vec<Row> {
             let name = (*words.last()?).to_owned();
             Some(Row {
                 cpu: (*words.first()?).to_owned(),
-                name_at: line.rfind(&name)?,
+                // The screen column (in characters: µs is two bytes).
+                name_at: line[..line.rfind(&name)?].chars().count(),
                 name,
             })
         })
