@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{lpm_trie::Key, MapError};
+use aya::maps::{lpm_trie::Key, Array, MapData, MapError};
 use common::{
     devices::{DevKey, DevPolicyRef, OWNER_DAEMON, OWNER_RUN},
     maps,
@@ -146,11 +146,13 @@ impl Domain for DeviceMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &DevPolicyRef) -> Result<(), MapError> {
-        self.policy.insert(id, reference, 0)
+        self.policy.insert(id, reference, 0)?;
+        new_generation(&mut self.generation)
     }
 
     fn remove_ref(&mut self, id: u64) {
         let _ = self.policy.remove(&id);
+        let _ = new_generation(&mut self.generation);
     }
 
     fn refs(&self) -> Result<Vec<(u64, DevPolicyRef)>, MapError> {
@@ -297,11 +299,13 @@ impl Domain for NetworkMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &NetPolicyRef) -> Result<(), MapError> {
-        self.policy.insert(id, reference, 0)
+        self.policy.insert(id, reference, 0)?;
+        new_generation(&mut self.generation)
     }
 
     fn remove_ref(&mut self, id: u64) {
         let _ = self.policy.remove(&id);
+        let _ = new_generation(&mut self.generation);
     }
 
     fn refs(&self) -> Result<Vec<(u64, NetPolicyRef)>, MapError> {
@@ -311,6 +315,25 @@ impl Domain for NetworkMaps {
 
 /// Collects a map walk, skipping entries deleted while it ran (`agent run`
 /// removes its own concurrently).
+/// Tells the programs that answers they cached are stale: writes a policy
+/// generation never used before (random, as `agent run` processes and the
+/// daemon write it independently), after the reference it follows.
+fn new_generation(generation: &mut Array<MapData, u64>) -> Result<(), MapError> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most `bytes.len()` bytes to the buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let value = if filled == 8 {
+        u64::from_ne_bytes(bytes)
+    } else {
+        // Never expected; still a value unlikely to have been used.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        now ^ (u64::from(std::process::id()) << 40)
+    };
+    generation.set(0, value, 0)
+}
+
 fn settled<T>(walk: impl Iterator<Item = Result<T, MapError>>) -> Result<Vec<T>, MapError> {
     walk.filter(|item| !matches!(item, Err(MapError::KeyNotFound)))
         .collect()

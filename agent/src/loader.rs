@@ -287,6 +287,8 @@ impl Maps {
 pub struct DeviceMaps {
     pub policy: HashMap<MapData, u64, DevPolicyRef>,
     pub rules: HashMap<MapData, DevKey, u32>,
+    /// Changed after every change of `policy` (the programs' caches).
+    pub generation: Array<MapData, u64>,
 }
 
 impl DeviceMaps {
@@ -294,6 +296,7 @@ impl DeviceMaps {
         Ok(Self {
             policy: take_map(ebpf, maps::DEV_POLICY)?,
             rules: take_map(ebpf, maps::DEV_RULES)?,
+            generation: take_map(ebpf, maps::DEV_GENERATION)?,
         })
     }
 }
@@ -302,6 +305,8 @@ impl DeviceMaps {
 pub struct NetworkMaps {
     pub policy: HashMap<MapData, u64, NetPolicyRef>,
     pub rules: LpmTrie<MapData, NetRuleKey, NetRuleSet>,
+    /// Changed after every change of `policy` (the programs' caches).
+    pub generation: Array<MapData, u64>,
 }
 
 impl NetworkMaps {
@@ -309,6 +314,7 @@ impl NetworkMaps {
         Ok(Self {
             policy: take_map(ebpf, maps::NET_POLICY)?,
             rules: take_map(ebpf, maps::NET_RULES)?,
+            generation: take_map(ebpf, maps::NET_GENERATION)?,
         })
     }
 }
@@ -348,6 +354,8 @@ where
         | maps::NET_EVICT
         | maps::SCHED_EVICT
         | maps::DEV_EVICT
+        | maps::DEV_GENERATION
+        | maps::NET_GENERATION
         | maps::NET_GUARD_EVICT => Map::Array(data),
         maps::DEV_POLICY | maps::DEV_RULES | maps::NET_POLICY | maps::NET_RATE => {
             Map::HashMap(data)
@@ -803,9 +811,11 @@ pub struct WorkloadGuard {
 /// Maps the policy programs attached by `agent run` share with a running
 /// daemon, so that their counts and events show in `agent stats` and
 /// `agent events`.
-const POLICY_MAPS: [&str; 14] = [
+const POLICY_MAPS: [&str; 16] = [
     maps::DEV_POLICY,
     maps::DEV_RULES,
+    maps::DEV_GENERATION,
+    maps::NET_GENERATION,
     maps::DEV_SLOTS,
     maps::DEV_COUNTS,
     maps::DEV_EVICT,

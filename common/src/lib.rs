@@ -23,7 +23,7 @@ pub const SLOT_RECLAIMING: u64 = u64::MAX;
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.
@@ -71,6 +71,12 @@ pub mod maps {
     /// Per-CPU hash: cgroup id → [`crate::devices::DevCounters`], for cgroups
     /// whose device slot another cgroup holds.
     pub const DEV_COUNTS: &str = "DEV_COUNTS";
+    /// Array of one u64, changed (to a random value) after every change of
+    /// `DEV_POLICY`: the device program's cached answers of another
+    /// generation are stale.
+    pub const DEV_GENERATION: &str = "DEV_GENERATION";
+    /// As `DEV_GENERATION`, for `NET_POLICY`.
+    pub const NET_GENERATION: &str = "NET_GENERATION";
     /// Ring buffer of [`crate::events::Event`].
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of one [`crate::events::Bucket`].
@@ -91,7 +97,7 @@ pub mod maps {
     pub const NET_HITS: &str = "NET_HITS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 27] = [
         NET_SLOTS,
         NET_OVERFLOW,
         NET_EVICT,
@@ -117,6 +123,8 @@ pub mod maps {
         NET_HITS,
         NET_GUARD_SLOTS,
         NET_GUARD_EVICT,
+        DEV_GENERATION,
+        NET_GENERATION,
     ];
 }
 

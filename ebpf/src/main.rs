@@ -9,6 +9,7 @@
 // RUSTC_BOOTSTRAP in .cargo/config.toml.
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+mod cache;
 mod cgroup;
 mod devices;
 mod events;

@@ -8,6 +8,10 @@
 //! order), then the bandwidth cap (a GCRA token bucket shared by all CPUs).
 //! A cgroup without a policy costs one hash lookup.
 //!
+//! A per-CPU cache (see [`crate::cache`]) keeps, per direction and cgroup
+//! slot, the verdict of the rules for the last remote address, protocol and
+//! destination port: the packets of a flow after its first skip the trie.
+//!
 //! These run beside the accounting programs, which count every packet the
 //! cgroup sends or receives, dropped or not; drops are counted here.
 
@@ -32,6 +36,7 @@ use common::{
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
+    cache::{self, Entry},
     events,
     slots::{self, atomic_add, cmpxchg, Slot},
 };
@@ -66,6 +71,35 @@ static NET_DROPS: PerCpuHashMap<u64, NetDrops> =
 
 #[map(name = "NET_HITS")]
 static NET_HITS: PerCpuHashMap<HitKey, Hits> = PerCpuHashMap::with_max_entries(MAX_HITS, 0);
+
+/// Changed by userspace (to a value never used before) after every change
+/// of `NET_POLICY`: verdicts cached under another generation are stale.
+#[map(name = "NET_GENERATION")]
+static NET_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Cache entries per CPU and direction, chosen by the cgroup id's low bits.
+const CACHE_ENTRIES: usize = 16;
+
+/// The rules' last verdict for a cgroup in one direction, and what it was
+/// for: the policy generation and version, the remote address, the protocol
+/// and the destination port.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct CachedVerdict {
+    cgroup_id: u64,
+    generation: u64,
+    /// version | family << 32 | protocol << 40 | destination port << 48.
+    key: u64,
+    remote: u128,
+    /// `allow << 16 | rule`.
+    answer: u32,
+    default_allow: u8,
+    _pad: [u8; 3],
+}
+
+#[map(name = "NET_GUARD_CACHE")]
+static GUARD_CACHE: PerCpuArray<[Entry<CachedVerdict>; 2 * CACHE_ENTRIES]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "NET_GUARD_SLOTS")]
 static GUARD_SLOT_TABLE: PerCpuArray<GuardSlotTable> = PerCpuArray::with_max_entries(1, 0);
@@ -159,7 +193,7 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
         packet.dst_port = 0;
     }
     let (allow, rule) = decide(
-        policy,
+        policy.version,
         DIR_EGRESS,
         &packet,
         policy.flags & FLAG_EGRESS_DENY == 0,
@@ -186,6 +220,8 @@ struct Packet {
 fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     // SAFETY: the context pointer is the program's own __sk_buff.
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // Read before the policy: see crate::cache.
+    let generation = NET_GENERATION.get(0).copied().unwrap_or(0);
     // SAFETY: plain data read; the map does not preallocate, so an entry
     // replaced meanwhile stays whole until this program is done (RCU).
     let Some(policy) = (unsafe { NET_POLICY.get(&id) }) else {
@@ -211,7 +247,11 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     };
     if policy.flags & rules != 0 {
         if let Some(packet) = parse(ctx) {
-            let (allow, rule) = decide(policy, direction, &packet, policy.flags & deny == 0);
+            let question = (u64::from(policy.version) << 16)
+                | (u64::from(direction) << 8)
+                | u64::from(policy.flags & deny == 0);
+            let answer = cached_decide(id, generation, question, &packet);
+            let (allow, rule) = (answer >> 16 != 0, answer as u16);
             count_hit(id, direction, rule, len);
             if !allow {
                 denied(id, direction, rule, &packet, len);
@@ -353,15 +393,74 @@ fn parse_loaded(ctx: &SkBuffContext) -> Option<Packet> {
     Some(packet)
 }
 
+/// [`decide`] for cgroup `id`'s packet, through this CPU's cache. The
+/// question packs the policy's version (bits 16 to 47), the direction (bits
+/// 8 to 15) and whether the default allows (bit 0); the answer is
+/// `allow << 16 | rule`. A call of its own (its stack is not the guard's).
+#[inline(never)]
+fn cached_decide(id: u64, generation: u64, question: u64, packet: &Packet) -> u32 {
+    let version = (question >> 16) as u32;
+    let direction = (question >> 8) as u8 & 1;
+    let default_allow = question as u8 & 1;
+    let remote = if direction == DIR_EGRESS {
+        packet.dst
+    } else {
+        packet.src
+    };
+    let entry = GUARD_CACHE.get_ptr_mut(0).map(|entries| {
+        let index =
+            usize::from(direction) * CACHE_ENTRIES + (id & (CACHE_ENTRIES as u64 - 1)) as usize;
+        // SAFETY: the index is below 2 * CACHE_ENTRIES.
+        unsafe { entries.cast::<Entry<CachedVerdict>>().add(index) }
+    });
+    // The key, as the entry holds it in its first 32 bytes after the ids.
+    let ports = u64::from(version)
+        | (u64::from(packet.family) << 32)
+        | (u64::from(packet.protocol) << 40)
+        | (u64::from(packet.dst_port) << 48);
+    let remote = u128::from_ne_bytes(remote);
+    if let Some(entry) = entry {
+        // SAFETY (whole block): an entry of this CPU's cache, read field by
+        // field (volatile) between two reads of its sequence count.
+        unsafe {
+            if let Some(seq) = cache::read_begin(entry) {
+                let cached = cache::value(entry);
+                let hit = read_volatile(&raw const (*cached).cgroup_id) == id
+                    && read_volatile(&raw const (*cached).generation) == generation
+                    && read_volatile(&raw const (*cached).key) == ports
+                    && read_volatile(&raw const (*cached).default_allow) == default_allow
+                    && read_volatile(&raw const (*cached).remote) == remote;
+                let answer = read_volatile(&raw const (*cached).answer);
+                if hit && cache::unchanged(entry, seq) {
+                    return answer;
+                }
+            }
+        }
+    }
+    let (allow, rule) = decide(version, direction, packet, default_allow != 0);
+    let answer = (u32::from(allow) << 16) | u32::from(rule);
+    if let Some(entry) = entry {
+        // SAFETY (whole block): as above, written field by field.
+        unsafe {
+            if let Some(seq) = cache::write_begin(entry) {
+                let cached = cache::value(entry);
+                write_volatile(&raw mut (*cached).cgroup_id, id);
+                write_volatile(&raw mut (*cached).generation, generation);
+                write_volatile(&raw mut (*cached).key, ports);
+                write_volatile(&raw mut (*cached).default_allow, default_allow);
+                write_volatile(&raw mut (*cached).remote, remote);
+                write_volatile(&raw mut (*cached).answer, answer);
+                cache::write_end(entry, seq);
+            }
+        }
+    }
+    answer
+}
+
 /// The first rule (of the longest prefix holding the remote address) that
 /// matches the protocol and the destination port; else the default.
 #[inline(always)]
-fn decide(
-    policy: &NetPolicyRef,
-    direction: u8,
-    packet: &Packet,
-    default_allow: bool,
-) -> (bool, u16) {
+fn decide(version: u32, direction: u8, packet: &Packet, default_allow: bool) -> (bool, u16) {
     let addr = if direction == DIR_EGRESS {
         packet.dst
     } else {
@@ -371,7 +470,7 @@ fn decide(
     let key = Key::new(
         KEY_HEADER_BITS + bits,
         NetRuleKey {
-            version: policy.version,
+            version,
             direction,
             family: packet.family,
             _pad: 0,

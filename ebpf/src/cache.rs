@@ -1,0 +1,126 @@
+//! Per-CPU decision caches of the policy programs: the last answer for a
+//! cgroup (its policy, and the verdict for the last device or remote
+//! address), so that the common case of the same cgroup asking the same
+//! question again costs no hash or trie lookup.
+//!
+//! An answer is valid while the policy generation it was computed under is
+//! current: userspace writes a generation never used before (a random u64)
+//! after every change of a policy reference, and a program reads the
+//! generation *before* its lookups, so an answer computed from a reference
+//! older than the current generation can never match it.
+//!
+//! An entry is written by a program that another program on the same CPU
+//! can interrupt or preempt (cgroup_device runs preemptible; egress can nest
+//! in egress). A sequence count guards it: odd while a write is under way.
+//! A reader takes an entry only when the count was even and unchanged around
+//! its copy; a writer that finds the count odd (it interrupted a write)
+//! leaves the entry alone. All accesses are volatile, so none is reordered
+//! across the count's.
+
+use core::ptr::{read_volatile, write_volatile};
+
+/// One cache entry: a sequence count and a value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Entry<T: Copy> {
+    seq: u64,
+    value: T,
+}
+
+/// A consistent copy of the entry's value, or `None` while it is being
+/// written or was rewritten during the copy.
+///
+/// # Safety
+/// `entry` points to an entry of this CPU's cache.
+#[inline(always)]
+pub unsafe fn load<T: Copy>(entry: *const Entry<T>) -> Option<T> {
+    // SAFETY (whole block): the caller's contract.
+    unsafe {
+        let seq = read_volatile(&raw const (*entry).seq);
+        if seq & 1 != 0 {
+            return None;
+        }
+        let value = read_volatile(&raw const (*entry).value);
+        (read_volatile(&raw const (*entry).seq) == seq).then_some(value)
+    }
+}
+
+/// Replaces the entry's value, unless this program interrupted a write.
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn store<T: Copy>(entry: *mut Entry<T>, value: &T) {
+    // SAFETY (whole block): the caller's contract.
+    unsafe {
+        let seq = read_volatile(&raw const (*entry).seq);
+        if seq & 1 != 0 {
+            return;
+        }
+        write_volatile(&raw mut (*entry).seq, seq + 1);
+        write_volatile(&raw mut (*entry).value, *value);
+        write_volatile(&raw mut (*entry).seq, seq + 2);
+    }
+}
+
+/// Field by field, for values too large to copy onto a program's stack: the
+/// entry's sequence count when no write is under way. Read fields through
+/// [`value`] with volatile loads, then check them with [`unchanged`].
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn read_begin<T: Copy>(entry: *const Entry<T>) -> Option<u64> {
+    // SAFETY: the caller's contract.
+    let seq = unsafe { read_volatile(&raw const (*entry).seq) };
+    (seq & 1 == 0).then_some(seq)
+}
+
+/// Whether no write happened since [`read_begin`] returned `seq`.
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn unchanged<T: Copy>(entry: *const Entry<T>, seq: u64) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { read_volatile(&raw const (*entry).seq) == seq }
+}
+
+/// The entry's value, to read or write field by field (volatile).
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn value<T: Copy>(entry: *mut Entry<T>) -> *mut T {
+    // SAFETY: the caller's contract.
+    unsafe { &raw mut (*entry).value }
+}
+
+/// Starts a field-by-field write: `None` when this program interrupted a
+/// write (then it must leave the entry alone); else pass the count to
+/// [`write_end`] once every field is written.
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn write_begin<T: Copy>(entry: *mut Entry<T>) -> Option<u64> {
+    // SAFETY (whole block): the caller's contract.
+    unsafe {
+        let seq = read_volatile(&raw const (*entry).seq);
+        if seq & 1 != 0 {
+            return None;
+        }
+        write_volatile(&raw mut (*entry).seq, seq + 1);
+        Some(seq)
+    }
+}
+
+/// Ends a write started by [`write_begin`].
+///
+/// # Safety
+/// As for [`load`].
+#[inline(always)]
+pub unsafe fn write_end<T: Copy>(entry: *mut Entry<T>, seq: u64) {
+    // SAFETY: the caller's contract.
+    unsafe { write_volatile(&raw mut (*entry).seq, seq + 2) }
+}
