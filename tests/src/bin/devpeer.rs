@@ -9,6 +9,10 @@
 //!       prints how many failed with EPERM
 //!   devpeer bench COUNT PATH          opens and closes PATH COUNT times;
 //!       prints the ns per open/close
+//!   devpeer cycle COUNT ROUNDS PATH CGROUP...
+//!       ROUNDS times: moves itself into each CGROUP (a v2 directory) in
+//!       turn and opens and closes PATH COUNT times there; prints a line per
+//!       round with the ns per open/close in each cgroup
 use std::{
     fs::OpenOptions,
     process::ExitCode,
@@ -133,7 +137,35 @@ fn run(args: &[String]) -> Result<(), String> {
             );
             Ok(())
         }
-        _ => Err("usage: devpeer try|loop|deny|bench ...".into()),
+        Some("cycle") => {
+            let number = |i: usize, what: &str| -> Result<u32, String> {
+                args.get(i)
+                    .ok_or(what)?
+                    .parse()
+                    .map_err(|e| format!("{what}: {e}"))
+            };
+            let (count, rounds) = (number(1, "COUNT")?, number(2, "ROUNDS")?);
+            let path = args.get(3).ok_or("PATH")?;
+            let cgroups = &args[4.min(args.len())..];
+            for _ in 0..rounds {
+                let mut line = Vec::new();
+                for cgroup in cgroups {
+                    std::fs::write(format!("{cgroup}/cgroup.procs"), "0")
+                        .map_err(|e| format!("{cgroup}/cgroup.procs: {e}"))?;
+                    let start = Instant::now();
+                    for _ in 0..count {
+                        open(path, true, true).map_err(|e| format!("{path}: {e}"))?;
+                    }
+                    line.push(format!(
+                        "{:.1}",
+                        start.elapsed().as_nanos() as f64 / f64::from(count)
+                    ));
+                }
+                println!("{}", line.join(" "));
+            }
+            Ok(())
+        }
+        _ => Err("usage: devpeer try|loop|deny|bench|cycle ...".into()),
     }
 }
 

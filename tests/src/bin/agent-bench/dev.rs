@@ -137,56 +137,106 @@ fn opens(cgroup: &Cgroup, count: u32) -> Result<f64, String> {
         .map_err(|e| format!("devpeer output: {e}"))
 }
 
+/// Opens per cgroup per round of [`cycle`] (about 15 ms).
+const CYCLE_OPENS: u32 = 10_000;
+
+/// ns per open/close in each of `cgroups`, per round: one process, pinned
+/// to CPU 1, that moves itself from cgroup to cgroup (`devpeer cycle`), so
+/// that the modes of a round run within some 60 ms of one another.
+fn cycle(cgroups: &[Cgroup], count: u32, rounds: usize) -> Result<Vec<Vec<f64>>, String> {
+    let helper = agent_tests::agent_bin().with_file_name("devpeer");
+    let mut command = cgroups[0].command(helper, None);
+    command
+        .args([
+            "cycle",
+            &count.to_string(),
+            &rounds.to_string(),
+            "/dev/null",
+        ])
+        .args(cgroups.iter().map(|c| c.path.clone()));
+    eprintln!("{rounds} rounds of {count} opens in each mode");
+    let out = agent_tests::on_cpu(&mut command, 1)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "devpeer cycle failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut ns = vec![Vec::new(); cgroups.len()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        for (i, value) in line.split_whitespace().enumerate() {
+            ns.get_mut(i)
+                .ok_or("devpeer cycle printed too many columns")?
+                .push(value.parse().map_err(|e| format!("devpeer output: {e}"))?);
+        }
+    }
+    if ns.iter().any(|column| column.len() != rounds) {
+        return Err(format!("devpeer cycle printed fewer than {rounds} rounds"));
+    }
+    Ok(ns)
+}
+
 pub fn run(options: &Options) -> Result<(), String> {
     agent_tests::require_root();
     let root = Cgroup::new_root("agent-bench-dev");
-    let load = root.child("load");
-    let count = 200_000 * options.seconds.max(1);
-    eprintln!("warm-up: one run in each mode");
-    for mode in Mode::ALL {
-        let _attached = attach(mode, &load)?;
-        opens(&load, count / 4)?;
+    // One cgroup per mode, each with its program attached throughout, so that
+    // runs of every mode follow one another within a second or so.
+    let cgroups: Vec<Cgroup> = (0..Mode::ALL.len())
+        .map(|i| root.child(&format!("mode-{i}")))
+        .collect();
+    let mut attached = Vec::new();
+    for (mode, cgroup) in Mode::ALL.into_iter().zip(&cgroups) {
+        attached.push(attach(mode, cgroup)?);
     }
-    let mut ns = vec![Vec::new(); Mode::ALL.len()];
+    let count = 100_000 * options.seconds.max(1) / 5;
+    let rounds = options.repeats * 60;
+    eprintln!("warm-up: one run in each mode");
+    for cgroup in &cgroups {
+        opens(cgroup, count)?;
+    }
+    // Wall clock, with the kernel's timing of programs off: one process
+    // moving itself from cgroup to cgroup, a short run in each.
+    let ns = cycle(&cgroups, CYCLE_OPENS, rounds)?;
     // The programs' own time per run, from the kernel (the first mode has none).
     let mut per_run = vec![Vec::new(); Mode::ALL.len()];
     let stats = BpfStats::enable();
-    for repeat in 1..=options.repeats {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
-            let _attached = attach(mode, &load)?;
-            let ids = attached_ids(&load.path, "cgroup_device");
+    for _ in 0..options.repeats {
+        for (i, (mode, cgroup)) in Mode::ALL.into_iter().zip(&cgroups).enumerate() {
+            let ids = attached_ids(&cgroup.path, "cgroup_device");
+            if ids.is_empty() {
+                continue;
+            }
             let before = program_stats_by_id(&ids);
-            ns[i].push(opens(&load, count)?);
+            opens(cgroup, count)?;
             let after = program_stats_by_id(&ids);
             let runs = after.1.saturating_sub(before.1);
-            if !ids.is_empty() {
-                // One run per open of the character device.
-                if runs < u64::from(count) {
-                    return Err(format!(
-                        "{}: the program ran {runs} times for {count} opens",
-                        mode.label()
-                    ));
-                }
-                per_run[i].push(after.0.saturating_sub(before.0) as f64 / runs as f64);
+            // One run per open of the character device.
+            if runs < u64::from(count) {
+                return Err(format!(
+                    "{}: the program ran {runs} times for {count} opens",
+                    mode.label()
+                ));
             }
-            eprintln!(
-                "repeat {repeat}/{}: {}: {:.1} ns per open/close",
-                options.repeats,
-                mode.label(),
-                ns[i][ns[i].len() - 1]
-            );
+            #[expect(clippy::cast_precision_loss, reason = "ns per run")]
+            per_run[i].push(after.0.saturating_sub(before.0) as f64 / runs as f64);
         }
     }
     drop(stats);
+    drop(attached);
     let mut table = measure::preamble("dev");
     let _ = writeln!(
         table,
-        "A process pinned to CPU 1, in a cgroup of its own, opens and closes /dev/null (read-write) {count} \
-         times per run; modes interleaved run by run, {} repeats after a warm-up. Policies: default deny, \
-         the rule allowing /dev/null last. Cells: median (min to max); \"added\" is the median of the \
-         differences to no program within each repeat. \"program ns per run\": the kernel's own count \
-         (kernel.bpf_stats_enabled=1 throughout, which adds its clock reads to every mode with a \
-         program); one run per open.",
+        "Each mode has a cgroup of its own with its program attached throughout. One process pinned to \
+         CPU 1 moves itself from cgroup to cgroup and opens and closes /dev/null (read-write) \
+         {CYCLE_OPENS} times in each: a round runs every mode once, back to back (some 60 ms), {rounds} \
+         rounds after a warm-up. Policies: default deny, the rule \
+         allowing /dev/null last. Cells: median (min to max); \"added\" is the median over rounds of \
+         the difference to no program within the round, with kernel.bpf_stats_enabled=0. \"program ns \
+         per run\": the kernel's own count, in {} separate runs per mode with \
+         kernel.bpf_stats_enabled=1 (which adds its own two clock reads to each run: most of the empty \
+         program's figure); one run per open.",
         options.repeats
     );
     let _ = writeln!(table);

@@ -298,6 +298,9 @@ pub fn run(options: &Options) -> Result<(), String> {
     // ns per run, with the kernel's run-time stats on.
     let stats = BpfStats::enable();
     let mut ns = [[vec![], vec![]], [vec![], vec![]]];
+    // Both programs' time over the number of switches: what a switch event
+    // costs, the tick included.
+    let mut per_switch = [vec![], vec![]];
     for repeat in 1..=options.repeats {
         for (i, mode) in [Mode::Empty, Mode::Accounting].into_iter().enumerate() {
             let attached = attach(mode)?;
@@ -308,12 +311,17 @@ pub fn run(options: &Options) -> Result<(), String> {
             let before = ids.map(|id| program_stats_by_id(&[id]));
             pipe(&load, loops / 2)?;
             let after = ids.map(|id| program_stats_by_id(&[id]));
+            let mut total_ns = 0;
             for program in 0..2 {
                 let runs = after[program].1.saturating_sub(before[program].1).max(1);
+                let time = after[program].0.saturating_sub(before[program].0);
+                total_ns += time;
                 #[expect(clippy::cast_precision_loss, reason = "ns per run")]
-                ns[i][program]
-                    .push(after[program].0.saturating_sub(before[program].0) as f64 / runs as f64);
+                ns[i][program].push(time as f64 / runs as f64);
             }
+            let switches = after[0].1.saturating_sub(before[0].1).max(1);
+            #[expect(clippy::cast_precision_loss, reason = "ns per switch")]
+            per_switch[i].push(total_ns as f64 / switches as f64);
             eprintln!(
                 "repeat {repeat}/{}: ns per run, {}",
                 options.repeats,
@@ -350,8 +358,11 @@ pub fn run(options: &Options) -> Result<(), String> {
          max); ratios: median of the ratios within each repeat. `pipe`: `perf bench sched pipe -l {loops}` \
          pinned to CPU 1 (round trips per second, higher is better). `messaging`: `perf bench sched \
          messaging -g 4 -l 400` (seconds, lower is better; the ratio is baseline time / time). ns per run: \
-         kernel.bpf_stats_enabled=1 during separate pipe runs (the figure includes the kernel's own cost \
-         of timing each run).",
+         kernel.bpf_stats_enabled=1 during separate pipe runs; the figure includes the kernel's own cost \
+         of timing each run (two clock reads), which is most of an empty program's, so `accounting - \
+         empty` is what the accounting itself costs. The tick runs only on the timer interrupt (250 Hz \
+         here), so its runs are few and start with cold caches; the last row spreads both programs' \
+         time over the switches.",
         options.repeats
     );
     let _ = writeln!(table);
@@ -397,6 +408,13 @@ pub fn run(options: &Options) -> Result<(), String> {
             median(accounting) - median(empty)
         );
     }
+    let _ = writeln!(
+        table,
+        "| both, per switch event (ns per sched_switch run) | {} | {} | {:.1} |",
+        spread(&per_switch[0], 1),
+        spread(&per_switch[1], 1),
+        median(&per_switch[1]) - median(&per_switch[0])
+    );
     let _ = writeln!(table);
     let _ = writeln!(
         table,
