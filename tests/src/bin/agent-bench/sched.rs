@@ -270,7 +270,10 @@ pub fn run(options: &Options) -> Result<(), String> {
     agent_tests::run("perf", &["--version"]);
     let root = Cgroup::new_root("agent-bench-sched");
     let load = root.child("load");
-    let loops = 200_000 * options.seconds.max(1);
+    let loops = 60_000 * options.seconds.max(1);
+    // Short runs, many of them, each repeat starting with the next mode in
+    // turn: this host's neighbours move a run by more than the programs do.
+    let rounds = options.repeats * 3;
 
     eprintln!("warm-up: one run of each load in each mode");
     for mode in Mode::ALL {
@@ -280,14 +283,15 @@ pub fn run(options: &Options) -> Result<(), String> {
     }
     let mut pipes = [vec![], vec![], vec![]];
     let mut messages = [vec![], vec![], vec![]];
-    for repeat in 1..=options.repeats {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+    for repeat in 1..=rounds {
+        for k in 0..Mode::ALL.len() {
+            let i = (k + repeat) % Mode::ALL.len();
+            let mode = Mode::ALL[i];
             let _attached = attach(mode)?;
             pipes[i].push(pipe(&load, loops)?);
             messages[i].push(messaging(&load)?);
             eprintln!(
-                "repeat {repeat}/{}: {}: pipe {:.0} ops/s, messaging {:.3} s",
-                options.repeats,
+                "repeat {repeat}/{rounds}: {}: pipe {:.0} ops/s, messaging {:.3} s",
                 mode.label(),
                 pipes[i][pipes[i].len() - 1],
                 messages[i][messages[i].len() - 1]
@@ -354,7 +358,8 @@ pub fn run(options: &Options) -> Result<(), String> {
     let _ = writeln!(
         table,
         "Loads run in a cgroup of their own; the accounting daemon watches the whole host (as in \
-         production). Modes interleaved run by run, {} repeats after a warm-up. Cells: median (min to \
+         production). Modes interleaved run by run, {rounds} repeats after a warm-up, each starting with \
+         the next mode in turn. Cells: median (min to \
          max); ratios: median of the ratios within each repeat. `pipe`: `perf bench sched pipe -l {loops}` \
          pinned to CPU 1 (round trips per second, higher is better). `messaging`: `perf bench sched \
          messaging -g 4 -l 400` (seconds, lower is better; the ratio is baseline time / time). ns per run: \
@@ -362,8 +367,7 @@ pub fn run(options: &Options) -> Result<(), String> {
          of timing each run (two clock reads), which is most of an empty program's, so `accounting - \
          empty` is what the accounting itself costs. The tick runs only on the timer interrupt (250 Hz \
          here), so its runs are few and start with cold caches; the last row spreads both programs' \
-         time over the switches.",
-        options.repeats
+         time over the switches."
     );
     let _ = writeln!(table);
     let _ = writeln!(
