@@ -12,26 +12,24 @@ pub const SCHED_SLOTS: usize = 128;
 #[inline(always)]
 #[must_use]
 pub const fn latency_bucket(ns: u64) -> usize {
-    let mut us = ns / 1000;
+    // log2 of whole microseconds by halving steps: straight-line code the
+    // BPF verifier takes. `ns / 1000 >= 2^k` exactly when `ns >= 1000 << k`,
+    // so no step divides (a 64-bit division is the slowest instruction of
+    // the switch path).
     let mut bucket = 0;
-    // log2 by halving steps: straight-line code the BPF verifier takes.
-    if us >= 1 << 16 {
-        us >>= 16;
-        bucket += 16;
+    if ns >= 1000 << 16 {
+        bucket = 16;
     }
-    if us >= 1 << 8 {
-        us >>= 8;
+    if ns >= 1000 << (bucket + 8) {
         bucket += 8;
     }
-    if us >= 1 << 4 {
-        us >>= 4;
+    if ns >= 1000 << (bucket + 4) {
         bucket += 4;
     }
-    if us >= 1 << 2 {
-        us >>= 2;
+    if ns >= 1000 << (bucket + 2) {
         bucket += 2;
     }
-    if us >= 1 << 1 {
+    if ns >= 1000 << (bucket + 1) {
         bucket += 1;
     }
     if bucket >= LATENCY_BUCKETS {
@@ -154,6 +152,14 @@ mod tests {
         assert_eq!(latency_bucket(4_000), 2);
         assert_eq!(latency_bucket(1_500_000), 10);
         assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        // Every power of two of microseconds, and either side of it.
+        for k in 0..40 {
+            for ns in [(1000u64 << k) - 1, 1000 << k, (1000 << k) + 1, 1500 << k] {
+                let us = ns / 1000;
+                let log2 = if us == 0 { 0 } else { us.ilog2() as usize };
+                assert_eq!(latency_bucket(ns), log2.min(LATENCY_BUCKETS - 1), "{ns} ns");
+            }
+        }
         assert_eq!(latency_bucket_le_ns(0), 2_000);
         assert_eq!(latency_bucket_le_ns(10), 2_048_000);
     }
