@@ -146,13 +146,11 @@ impl Domain for DeviceMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &DevPolicyRef) -> Result<(), MapError> {
-        self.policy.insert(id, reference, 0)?;
-        new_generation(&mut self.generation)
+        write_ref(&mut self.policy, &mut self.generation, id, reference)
     }
 
     fn remove_ref(&mut self, id: u64) {
-        let _ = self.policy.remove(&id);
-        let _ = new_generation(&mut self.generation);
+        remove_ref(&mut self.policy, &mut self.generation, id);
     }
 
     fn refs(&self) -> Result<Vec<(u64, DevPolicyRef)>, MapError> {
@@ -299,13 +297,11 @@ impl Domain for NetworkMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &NetPolicyRef) -> Result<(), MapError> {
-        self.policy.insert(id, reference, 0)?;
-        new_generation(&mut self.generation)
+        write_ref(&mut self.policy, &mut self.generation, id, reference)
     }
 
     fn remove_ref(&mut self, id: u64) {
-        let _ = self.policy.remove(&id);
-        let _ = new_generation(&mut self.generation);
+        remove_ref(&mut self.policy, &mut self.generation, id);
     }
 
     fn refs(&self) -> Result<Vec<(u64, NetPolicyRef)>, MapError> {
@@ -313,8 +309,36 @@ impl Domain for NetworkMaps {
     }
 }
 
-/// Collects a map walk, skipping entries deleted while it ran (`agent run`
-/// removes its own concurrently).
+/// Writes cgroup `id`'s reference, then a new generation (see
+/// [`new_generation`]). If the generation cannot be written, the reference
+/// that was there before is put back (or the new one removed), so that
+/// nothing changed and the caller's rollback holds.
+fn write_ref<V: aya::Pod>(
+    refs: &mut aya::maps::HashMap<MapData, u64, V>,
+    generation: &mut Array<MapData, u64>,
+    id: u64,
+    reference: &V,
+) -> Result<(), MapError> {
+    let before = refs.get(&id, 0).ok();
+    refs.insert(id, reference, 0)?;
+    new_generation(generation).inspect_err(|_| {
+        let _ = match before {
+            Some(before) => refs.insert(id, before, 0),
+            None => refs.remove(&id),
+        };
+    })
+}
+
+/// Removes cgroup `id`'s reference, then writes a new generation.
+fn remove_ref<V: aya::Pod>(
+    refs: &mut aya::maps::HashMap<MapData, u64, V>,
+    generation: &mut Array<MapData, u64>,
+    id: u64,
+) {
+    let _ = refs.remove(&id);
+    let _ = new_generation(generation);
+}
+
 /// Tells the programs that answers they cached are stale: writes a policy
 /// generation never used before (random, as `agent run` processes and the
 /// daemon write it independently), after the reference it follows.
@@ -334,6 +358,8 @@ fn new_generation(generation: &mut Array<MapData, u64>) -> Result<(), MapError> 
     generation.set(0, value, 0)
 }
 
+/// Collects a map walk, skipping entries deleted while it ran (`agent run`
+/// removes its own concurrently).
 fn settled<T>(walk: impl Iterator<Item = Result<T, MapError>>) -> Result<Vec<T>, MapError> {
     walk.filter(|item| !matches!(item, Err(MapError::KeyNotFound)))
         .collect()

@@ -110,8 +110,8 @@ pub struct SchedSlot {
 ///
 /// Plain adds are exact: sched_switch runs with interrupts off, task_newtask
 /// and sched_process_exit with preemption off, and the one program that runs
-/// in interrupts (the tick, on hrtimer_expire_entry) adds only to `cpu_ns`,
-/// which no interruptible program writes.
+/// in interrupts (the tick, on hrtimer_expire_entry) writes only `cpu_ns`,
+/// atomically, as it can interrupt itself.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SchedSlotTable {

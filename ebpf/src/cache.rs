@@ -12,12 +12,16 @@
 //! An entry is written by a program that another program on the same CPU
 //! can interrupt or preempt (cgroup_device runs preemptible; egress can nest
 //! in egress). A sequence count guards it: odd while a write is under way.
-//! A reader takes an entry only when the count was even and unchanged around
-//! its copy; a writer that finds the count odd (it interrupted a write)
-//! leaves the entry alone. All accesses are volatile, so none is reordered
-//! across the count's.
+//! A writer takes the entry by moving the count from the even value it read
+//! to the next odd one with one compare-and-exchange, so that two writers
+//! never interleave, however they are preempted; one that fails, or finds
+//! the count odd, leaves the entry alone. A reader takes an entry only when
+//! the count was even and unchanged around its copy. All other accesses are
+//! volatile, so none is reordered across the count's.
 
 use core::ptr::{read_volatile, write_volatile};
+
+use crate::slots::cmpxchg;
 
 /// One cache entry: a sequence count and a value.
 #[repr(C)]
@@ -53,13 +57,10 @@ pub unsafe fn load<T: Copy>(entry: *const Entry<T>) -> Option<T> {
 pub unsafe fn store<T: Copy>(entry: *mut Entry<T>, value: &T) {
     // SAFETY (whole block): the caller's contract.
     unsafe {
-        let seq = read_volatile(&raw const (*entry).seq);
-        if seq & 1 != 0 {
-            return;
+        if let Some(seq) = write_begin(entry) {
+            write_volatile(&raw mut (*entry).value, *value);
+            write_end(entry, seq);
         }
-        write_volatile(&raw mut (*entry).seq, seq + 1);
-        write_volatile(&raw mut (*entry).value, *value);
-        write_volatile(&raw mut (*entry).seq, seq + 2);
     }
 }
 
@@ -96,8 +97,8 @@ pub unsafe fn value<T: Copy>(entry: *mut Entry<T>) -> *mut T {
     unsafe { &raw mut (*entry).value }
 }
 
-/// Starts a field-by-field write: `None` when this program interrupted a
-/// write (then it must leave the entry alone); else pass the count to
+/// Starts a write: `None` when another write is under way or got in first
+/// (then the entry must be left alone); else pass the count to
 /// [`write_end`] once every field is written.
 ///
 /// # Safety
@@ -107,10 +108,9 @@ pub unsafe fn write_begin<T: Copy>(entry: *mut Entry<T>) -> Option<u64> {
     // SAFETY (whole block): the caller's contract.
     unsafe {
         let seq = read_volatile(&raw const (*entry).seq);
-        if seq & 1 != 0 {
+        if seq & 1 != 0 || cmpxchg(&raw mut (*entry).seq, seq, seq + 1) != seq {
             return None;
         }
-        write_volatile(&raw mut (*entry).seq, seq + 1);
         Some(seq)
     }
 }

@@ -7,10 +7,10 @@
 //! concerned, and nothing reads a clock:
 //! - on-CPU time is the growth of the task's `se.sum_exec_runtime` (read
 //!   through BTF), the very deltas the kernel charges to its cgroup
-//!   (cpuacct.usage, cpu.stat usage_usec), so the two agree exactly. It is
-//!   charged when the task switches out, and at each tick (the
-//!   `hrtimer_expire_entry` tracepoint, in interrupts) for a task that runs
-//!   without switching. The scheduler's own `sched_stat_runtime` would give
+//!   (cpuacct.usage, cpu.stat usage_usec). It is charged when the task
+//!   switches out, and at each tick (the `hrtimer_expire_entry` tracepoint,
+//!   in interrupts) for a task that runs without switching, so the two agree
+//!   within a tick (see ARCHITECTURE.md for where they differ). The scheduler's own `sched_stat_runtime` would give
 //!   the same deltas, but fires two to four times per switch: one program
 //!   run per switch instead of three is most of what accounting costs;
 //! - at `sched_switch`, `prev` is still current: its switch is counted, and
@@ -38,9 +38,12 @@ use common::{
     sched::latency_bucket, SchedCounters, SchedSlot, SchedSlotTable, TaskState,
     DEFAULT_MAX_CGROUPS, LATENCY_BUCKETS, SCHED_SLOTS,
 };
-use core::{ffi::c_void, ptr::write_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{read_volatile, write_volatile},
+};
 
-use crate::slots::{self, add, Slot};
+use crate::slots::{self, add, atomic_add, cmpxchg, Slot};
 
 /// Level and id of the watched cgroup root. At level 0 (the whole v2
 /// hierarchy) every task counts; deeper, only tasks under it.
@@ -194,17 +197,27 @@ unsafe fn task_u64(task: *mut c_void, offset: u64) -> u64 {
 /// one that has storage and was last charged in this cgroup needs no further
 /// check (the common case, two helper calls fewer). Else it must be a real
 /// task (pid 0 is the idle task, which belongs to no cgroup) under the
-/// watched root; its storage is created then, with no baselines.
+/// watched root; its storage is created then, with no baselines. A task
+/// found outside the watched root loses its baselines, so that if it comes
+/// back it is charged from then on, not for its time outside.
 #[inline(always)]
 fn current_state(task: *mut c_void, id: u64) -> Option<*mut TaskState> {
-    if let Some(state) = SCHED_TASKS.get(task) {
+    let existing = SCHED_TASKS.get(task);
+    if let Some(state) = existing {
         // SAFETY: the task's storage.
         if unsafe { (*state).cgroup_id } == id {
             return Some(state);
         }
     }
-    // SAFETY: helpers without pointer arguments.
-    if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 || !in_scope() {
+    // SAFETY: a helper without pointer arguments.
+    if unsafe { bpf_get_current_pid_tgid() } as u32 == 0 {
+        return None;
+    }
+    if !in_scope() {
+        if let Some(state) = existing {
+            // SAFETY: the task's storage.
+            unsafe { (*state).cgroup_id = 0 };
+        }
         return None;
     }
     SCHED_TASKS.get_or_create(task)
@@ -227,6 +240,28 @@ unsafe fn charge(task: *mut c_void, state: *mut TaskState, counters: *mut SchedC
             add(&raw mut (*counters).cpu_ns, exec - (*state).exec_ns);
         }
         (*state).exec_ns = exec;
+    }
+}
+
+/// [`charge`] for the tick, which can run inside itself: a soft hrtimer's
+/// run (in softirq, interrupts on) interrupted by the tick's hard one, on
+/// kernels that do not skip a program's nested runs. The baseline moves by
+/// compare-and-exchange, and only the run that moved it charges, atomically.
+///
+/// # Safety
+/// As for [`charge`].
+#[inline(always)]
+unsafe fn charge_nested(task: *mut c_void, state: *mut TaskState, counters: *mut SchedCounters) {
+    // SAFETY (whole block): as in charge.
+    unsafe {
+        let exec = task_u64(task, TASK_EXEC_OFFSET.load());
+        let known = read_volatile(&raw const (*state).exec_ns);
+        if exec > known
+            && cmpxchg(&raw mut (*state).exec_ns, known, exec) == known
+            && read_volatile(&raw const (*state).cgroup_id) != 0
+        {
+            atomic_add(&raw mut (*counters).cpu_ns, exec - known);
+        }
     }
 }
 
@@ -283,10 +318,12 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// The tick (and every other hrtimer, in interrupts): charges the CPU time
-/// of the interrupted task, so that a task that runs for long without
-/// switching is counted as it goes, not only when it leaves the CPU. Its
-/// runtime is as of the scheduler's last update (at most a tick behind).
+/// The tick (and every other hrtimer's expiry: in hard interrupts, or in
+/// softirq for soft hrtimers): charges the CPU time of the interrupted task,
+/// so that a task that runs for long without switching is counted as it
+/// goes, not only when it leaves the CPU. Its runtime is as of the
+/// scheduler's last update (at most a tick behind; on a `nohz_full` CPU a
+/// lone task gets few ticks and is counted when it switches).
 #[btf_tracepoint(function = "hrtimer_expire_entry")]
 pub fn hrtimer_expire_entry(_ctx: BtfTracePointContext) -> i32 {
     // SAFETY: helpers without pointer arguments; the task is current.
@@ -302,15 +339,21 @@ pub fn hrtimer_expire_entry(_ctx: BtfTracePointContext) -> i32 {
     let Some(counters) = counters(id) else {
         return 0;
     };
-    // SAFETY: the current task and its storage; this CPU's counters, of
-    // which programs that interrupts can interrupt never write cpu_ns.
+    // SAFETY: the current task and its storage; this CPU's counters, whose
+    // cpu_ns only sched_switch (interrupts off) and this program write.
     unsafe {
-        if (*state).cgroup_id == 0 {
-            // First seen, mid-run: its wait before this run is unknown.
-            (*state).run_delay_ns = TaskState::UNKNOWN;
+        if read_volatile(&raw const (*state).cgroup_id) == 0 {
+            // First seen, mid-run: its wait before this run is unknown, and
+            // its baseline is now.
+            write_volatile(&raw mut (*state).run_delay_ns, TaskState::UNKNOWN);
+            write_volatile(
+                &raw mut (*state).exec_ns,
+                task_u64(task, TASK_EXEC_OFFSET.load()),
+            );
+        } else {
+            charge_nested(task, state, counters);
         }
-        charge(task, state, counters);
-        (*state).cgroup_id = id;
+        write_volatile(&raw mut (*state).cgroup_id, id);
     }
     0
 }
