@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{v2_mount, Daemon, Runs};
+use agent_tests::{v2_mount, Cgroup, Daemon, Runs};
 
 /// A daemon watching the v2 directory of `runs`' cgroup parent.
 fn daemon_for(runs: &Runs) -> Daemon {
@@ -132,6 +132,54 @@ fn a_loop_that_keeps_its_cpu_is_counted_while_it_runs() {
         child.wait().unwrap().code(),
         Some(124),
         "timeout ends the loop"
+    );
+}
+
+#[test]
+fn time_spent_outside_the_watched_root_is_not_charged_on_return() {
+    let watched = Cgroup::new_root("agent-test-sched-in");
+    let inside = watched.child("w");
+    let outside = Cgroup::new_root("agent-test-sched-out");
+    let daemon = Daemon::start(&watched.path, &[]);
+    // Spins 0.3 s inside, 0.6 s outside the watched root, 0.3 s inside again.
+    let script = r#"
+        use Time::HiRes qw(time);
+        sub go { open(my $f, ">", "$_[0]/cgroup.procs") or die "$_[0]: $!"; print $f "0"; close($f) or die "$_[0]: $!" }
+        sub spin { my $end = time + $_[0]; 1 while time < $end }
+        go($ARGV[0]); spin(0.3); go($ARGV[1]); spin(0.6); go($ARGV[0]); spin(0.3);
+    "#;
+    let status = std::process::Command::new("perl")
+        .args(["-e", script])
+        .arg(&inside.path)
+        .arg(&outside.path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stats = daemon.stats();
+    let ebpf = stats["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == "/w")
+        .map(|c| u64_of(&c["cpu"]["usage_ns"]))
+        .unwrap_or_else(|| panic!("no /w in {stats}"));
+    let kernel = fs::read_to_string(inside.path.join("cpu.stat"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1000;
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let ratio = ebpf as f64 / kernel as f64;
+    eprintln!("in, out, in again: eBPF {ebpf} ns, cgroup {kernel} ns ({ratio:.4})");
+    assert!(kernel > 400_000_000, "it ran inside: {kernel} ns");
+    // The 0.6 s outside would make it 1.5 or more.
+    assert!(
+        (0.95..=1.02).contains(&ratio),
+        "eBPF {ebpf} ns vs the cgroup's {kernel} ns ({ratio:.4})"
     );
 }
 
