@@ -116,17 +116,21 @@ fn a_loop_that_keeps_its_cpu_is_counted_while_it_runs() {
     );
     runs.wait_running("spin");
     thread::sleep(Duration::from_millis(1500));
-    // Ours, then the kernel's counter right after: ours lags by at most a
-    // tick or two (4 ms each at HZ=250), and cannot be ahead.
+    // Ours between two readings of the kernel's counter: ours lags by at
+    // most a tick or two (4 ms each at HZ=250), so it is within 2% of the
+    // first, and it cannot be ahead of the second.
+    let first = kernel_cpu_ns(&runs, "spin");
     let ebpf = u64_of(&stats_of(&daemon, "spin")["cpu"]["usage_ns"]);
-    let kernel = kernel_cpu_ns(&runs, "spin");
+    let second = kernel_cpu_ns(&runs, "spin");
     #[expect(clippy::cast_precision_loss, reason = "a ratio")]
-    let ratio = ebpf as f64 / kernel as f64;
-    eprintln!("running: eBPF {ebpf} ns, then the cgroup's {kernel} ns ({ratio:.5})");
-    assert!(kernel > 1_000_000_000, "it ran: {kernel} ns");
+    let ratio = ebpf as f64 / first as f64;
+    eprintln!(
+        "running: the cgroup's {first} ns, eBPF {ebpf} ns ({ratio:.5}), the cgroup's {second} ns"
+    );
+    assert!(first > 1_000_000_000, "it ran: {first} ns");
     assert!(
-        (0.98..=1.0).contains(&ratio),
-        "eBPF {ebpf} ns vs the cgroup's {kernel} ns read right after ({ratio:.4})"
+        ratio >= 0.98 && ebpf <= second,
+        "eBPF {ebpf} ns between the cgroup's {first} and {second} ns ({ratio:.4})"
     );
     assert_eq!(
         child.wait().unwrap().code(),
@@ -175,10 +179,11 @@ fn time_spent_outside_the_watched_root_is_not_charged_on_return() {
     #[expect(clippy::cast_precision_loss, reason = "a ratio")]
     let ratio = ebpf as f64 / kernel as f64;
     eprintln!("in, out, in again: eBPF {ebpf} ns, cgroup {kernel} ns ({ratio:.4})");
-    assert!(kernel > 400_000_000, "it ran inside: {kernel} ns");
-    // The 0.6 s outside would make it 1.5 or more.
+    assert!(kernel > 100_000_000, "it ran inside: {kernel} ns");
+    // The 0.6 s outside would make it 1.5 or more; each move can lose up to
+    // a tick (4 ms) of what ran before the next switch or tick.
     assert!(
-        (0.95..=1.02).contains(&ratio),
+        (0.9..=1.001).contains(&ratio),
         "eBPF {ebpf} ns vs the cgroup's {kernel} ns ({ratio:.4})"
     );
 }
