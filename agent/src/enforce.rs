@@ -146,11 +146,11 @@ impl Domain for DeviceMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &DevPolicyRef) -> Result<(), MapError> {
-        write_ref(&mut self.policy, &mut self.generation, id, reference)
+        write_reference(&mut self.policy, &mut self.generation, id, reference)
     }
 
     fn remove_ref(&mut self, id: u64) {
-        remove_ref(&mut self.policy, &mut self.generation, id);
+        remove_reference(&mut self.policy, &mut self.generation, id);
     }
 
     fn refs(&self) -> Result<Vec<(u64, DevPolicyRef)>, MapError> {
@@ -297,11 +297,11 @@ impl Domain for NetworkMaps {
     }
 
     fn set_ref(&mut self, id: u64, reference: &NetPolicyRef) -> Result<(), MapError> {
-        write_ref(&mut self.policy, &mut self.generation, id, reference)
+        write_reference(&mut self.policy, &mut self.generation, id, reference)
     }
 
     fn remove_ref(&mut self, id: u64) {
-        remove_ref(&mut self.policy, &mut self.generation, id);
+        remove_reference(&mut self.policy, &mut self.generation, id);
     }
 
     fn refs(&self) -> Result<Vec<(u64, NetPolicyRef)>, MapError> {
@@ -313,7 +313,7 @@ impl Domain for NetworkMaps {
 /// [`new_generation`]). If the generation cannot be written, the reference
 /// that was there before is put back (or the new one removed), so that
 /// nothing changed and the caller's rollback holds.
-fn write_ref<V: aya::Pod>(
+fn write_reference<V: aya::Pod>(
     refs: &mut aya::maps::HashMap<MapData, u64, V>,
     generation: &mut Array<MapData, u64>,
     id: u64,
@@ -330,7 +330,7 @@ fn write_ref<V: aya::Pod>(
 }
 
 /// Removes cgroup `id`'s reference, then writes a new generation.
-fn remove_ref<V: aya::Pod>(
+fn remove_reference<V: aya::Pod>(
     refs: &mut aya::maps::HashMap<MapData, u64, V>,
     generation: &mut Array<MapData, u64>,
     id: u64,

@@ -82,7 +82,10 @@ const CACHE_ENTRIES: usize = 16;
 
 /// The rules' last verdict for a cgroup in one direction, and what it was
 /// for: the policy generation and version, the remote address, the protocol
-/// and the destination port.
+/// and the destination port. The generation alone would date the answer;
+/// the version and default are kept too so that a packet that meets a new
+/// reference before its generation is written still gets that reference's
+/// verdict, never the one before (each packet sees one whole policy).
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct CachedVerdict {
