@@ -41,18 +41,47 @@ pub struct DevKey {
 /// Slots in the per-CPU device slot table (see [`DevSlotTable`]).
 pub const DEV_SLOTS: usize = 256;
 
-/// One cgroup's device counters on one CPU, as slot `id & (DEV_SLOTS - 1)`.
+/// One cgroup's device counters on one CPU, as slot `id & (DEV_SLOTS - 1)`,
+/// and the program's last answer for it on that CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DevSlot {
     /// Owner: a cgroup id, 0 for a free slot, or [`crate::SLOT_RECLAIMING`].
     pub cgroup_id: u64,
     pub counters: DevCounters,
+    /// Kept by the program only (userspace never reads it).
+    pub answer: DevAnswer,
 }
 
-/// Every device slot of one CPU (8 KiB): the counters of a decision are one
-/// array element and an offset away, where a hash lookup cost as much as the
-/// decision itself. Cgroups whose slot another holds count in `DEV_COUNTS`.
+/// The program's last answer for a cgroup on one CPU: its policy's access
+/// bits to the device it last asked about, valid while the policy
+/// generation is the same. Guarded by a sequence count, odd while a write
+/// is under way (see ebpf/src/cache.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevAnswer {
+    pub seq: u64,
+    /// The cgroup it was computed for: a slot handed to another cgroup
+    /// keeps the old owner's answer, which then never matches.
+    pub cgroup_id: u64,
+    /// `DEV_GENERATION` when it was computed.
+    pub generation: u64,
+    /// `major << 32 | minor` of the device.
+    pub device: u64,
+    /// Its type ([`TYPE_CHAR`], [`TYPE_BLOCK`]; 0 before the first answer).
+    pub dev_type: u32,
+    /// The access bits the policy allows it, or [`DEV_NO_POLICY`].
+    pub bits: u32,
+}
+
+/// [`DevAnswer::bits`] of a cgroup without a policy: allowed everything,
+/// whatever the device, and not counted.
+pub const DEV_NO_POLICY: u32 = 1 << 31;
+
+/// Every device slot of one CPU (18 KiB): a decision reads the cgroup's
+/// last answer and adds to its counters one array element and an offset
+/// away, with no hash lookup. Cgroups whose slot another holds count in
+/// `DEV_COUNTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DevSlotTable {

@@ -23,7 +23,7 @@ pub const SLOT_RECLAIMING: u64 = u64::MAX;
 /// Bumped whenever a map's key or value layout changes. The daemon records it
 /// in [`AgentInfo::layout`]; a reader built with another layout refuses the
 /// daemon's pins instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Default capacity of the overflow map: how many cgroups without a slot of
 /// their own can be counted at once. Overridden at load time with `--max-cgroups`.

@@ -31,96 +31,72 @@ pub struct Entry<T: Copy> {
     value: T,
 }
 
-/// A consistent copy of the entry's value, or `None` while it is being
-/// written or was rewritten during the copy.
+/// The entry's sequence count, for the functions below.
 ///
 /// # Safety
 /// `entry` points to an entry of this CPU's cache.
 #[inline(always)]
-pub unsafe fn load<T: Copy>(entry: *const Entry<T>) -> Option<T> {
-    // SAFETY (whole block): the caller's contract.
-    unsafe {
-        let seq = read_volatile(&raw const (*entry).seq);
-        if seq & 1 != 0 {
-            return None;
-        }
-        let value = read_volatile(&raw const (*entry).value);
-        (read_volatile(&raw const (*entry).seq) == seq).then_some(value)
-    }
-}
-
-/// Replaces the entry's value, unless this program interrupted a write.
-///
-/// # Safety
-/// As for [`load`].
-#[inline(always)]
-pub unsafe fn store<T: Copy>(entry: *mut Entry<T>, value: &T) {
-    // SAFETY (whole block): the caller's contract.
-    unsafe {
-        if let Some(seq) = write_begin(entry) {
-            write_volatile(&raw mut (*entry).value, *value);
-            write_end(entry, seq);
-        }
-    }
-}
-
-/// Field by field, for values too large to copy onto a program's stack: the
-/// entry's sequence count when no write is under way. Read fields through
-/// [`value`] with volatile loads, then check them with [`unchanged`].
-///
-/// # Safety
-/// As for [`load`].
-#[inline(always)]
-pub unsafe fn read_begin<T: Copy>(entry: *const Entry<T>) -> Option<u64> {
+pub unsafe fn seq<T: Copy>(entry: *mut Entry<T>) -> *mut u64 {
     // SAFETY: the caller's contract.
-    let seq = unsafe { read_volatile(&raw const (*entry).seq) };
-    (seq & 1 == 0).then_some(seq)
-}
-
-/// Whether no write happened since [`read_begin`] returned `seq`.
-///
-/// # Safety
-/// As for [`load`].
-#[inline(always)]
-pub unsafe fn unchanged<T: Copy>(entry: *const Entry<T>, seq: u64) -> bool {
-    // SAFETY: the caller's contract.
-    unsafe { read_volatile(&raw const (*entry).seq) == seq }
+    unsafe { &raw mut (*entry).seq }
 }
 
 /// The entry's value, to read or write field by field (volatile).
 ///
 /// # Safety
-/// As for [`load`].
+/// As for [`seq`].
 #[inline(always)]
 pub unsafe fn value<T: Copy>(entry: *mut Entry<T>) -> *mut T {
     // SAFETY: the caller's contract.
     unsafe { &raw mut (*entry).value }
 }
 
-/// Starts a write: `None` when another write is under way or got in first
-/// (then the entry must be left alone); else pass the count to
-/// [`write_end`] once every field is written.
+/// Starts a read: the sequence count when no write is under way. Read the
+/// fields with volatile loads, then check them with [`unchanged`].
 ///
 /// # Safety
-/// As for [`load`].
+/// `seq` points to the sequence count of an entry of this CPU's cache.
 #[inline(always)]
-pub unsafe fn write_begin<T: Copy>(entry: *mut Entry<T>) -> Option<u64> {
+pub unsafe fn read_begin(seq: *const u64) -> Option<u64> {
+    // SAFETY: the caller's contract.
+    let count = unsafe { read_volatile(seq) };
+    (count & 1 == 0).then_some(count)
+}
+
+/// Whether no write happened since [`read_begin`] returned `count`.
+///
+/// # Safety
+/// As for [`read_begin`].
+#[inline(always)]
+pub unsafe fn unchanged(seq: *const u64, count: u64) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { read_volatile(seq) == count }
+}
+
+/// Starts a write: `None` when another write is under way or got in first
+/// (then the entry must be left alone); else pass the count to
+/// [`write_end`] once every field is written (volatile).
+///
+/// # Safety
+/// As for [`read_begin`].
+#[inline(always)]
+pub unsafe fn write_begin(seq: *mut u64) -> Option<u64> {
     // SAFETY (whole block): the caller's contract.
     unsafe {
-        let seq = read_volatile(&raw const (*entry).seq);
-        if seq & 1 != 0 || cmpxchg(&raw mut (*entry).seq, seq, seq + 1) != seq {
+        let count = read_volatile(seq);
+        if count & 1 != 0 || cmpxchg(seq, count, count + 1) != count {
             return None;
         }
-        Some(seq)
+        Some(count)
     }
 }
 
 /// Ends a write started by [`write_begin`].
 ///
 /// # Safety
-/// As for [`load`].
+/// As for [`read_begin`].
 #[inline(always)]
-pub unsafe fn write_end<T: Copy>(entry: *mut Entry<T>, seq: u64) {
+pub unsafe fn write_end(seq: *mut u64, count: u64) {
     // SAFETY: the caller's contract.
-    unsafe { write_volatile(&raw mut (*entry).seq, seq + 2) }
+    unsafe { write_volatile(seq, count + 2) }
 }

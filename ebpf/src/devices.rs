@@ -9,10 +9,14 @@
 //! that the answer is one exact lookup, falling back to `major:*`, `*:minor`
 //! and `*:*` for numbers no rule names.
 //!
-//! A per-CPU cache (see [`crate::cache`]) keeps, per cgroup slot, the last
-//! policy looked up and the access bits of the last device asked for: a
-//! cgroup opening the same device again (or one without a policy opening
-//! anything) does no lookup at all.
+//! This is on the path of every open of a device node by every task under
+//! the attach point, so the common case is kept to one per-CPU array element:
+//! the cgroup's slot holds its counters and its last answer on this CPU (the
+//! access bits its policy gives the device it last asked about, or "no
+//! policy"). The same cgroup asking about the same device again, under the
+//! same policy generation (see [`crate::cache`]), does no hash lookup; an
+//! allowed access then costs the slot's lookup, a few compares and one
+//! atomic add. Everything else takes [`decide`].
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -22,15 +26,16 @@ use aya_ebpf::{
     programs::DeviceContext,
 };
 use common::{
-    devices::{DevCounters, DevKey, DevPolicyRef, DevSlot, DevSlotTable, DEV_ANY, DEV_SLOTS},
+    devices::{
+        DevCounters, DevKey, DevPolicyRef, DevSlot, DevSlotTable, DEV_ANY, DEV_NO_POLICY, DEV_SLOTS,
+    },
     events::{Event, EVENT_DEVICE_DENIED},
     DEFAULT_MAX_CGROUPS,
 };
-use core::ptr::write_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
-    cache::{self, Entry},
-    events,
+    cache, events,
     slots::{self, atomic_add, Slot},
 };
 
@@ -57,28 +62,6 @@ static DEV_EVICT: Array<u64> = Array::with_max_entries(DEV_SLOTS as u32, 0);
 /// of `DEV_POLICY`: answers cached under another generation are stale.
 #[map(name = "DEV_GENERATION")]
 static DEV_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Cache entries per CPU, chosen by the cgroup id's low bits.
-const CACHE_ENTRIES: usize = 16;
-
-/// The last answer for a cgroup: its policy, and its last device's bits.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Answer {
-    cgroup_id: u64,
-    generation: u64,
-    /// 0: no policy (allowed everything).
-    has_policy: u32,
-    version: u32,
-    /// The last device asked for (`dev_type` 0: none yet), and its bits.
-    dev_type: u32,
-    major: u32,
-    minor: u32,
-    bits: u32,
-}
-
-#[map(name = "DEV_CACHE")]
-static DEV_CACHE: PerCpuArray<[Entry<Answer>; CACHE_ENTRIES]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "DEV_COUNTS")]
 static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> =
@@ -116,35 +99,23 @@ fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
     0
 }
 
-/// Counts one decision for `cgroup_id` in its slot of this CPU's table, else
-/// in its overflow entry (atomic adds: cgroup_device runs in process context,
-/// where another task's program can preempt it on this CPU).
+/// This CPU's slot of `cgroup_id`: its own, or claimed (see [`slots::find`]).
 #[inline(always)]
-fn count(cgroup_id: u64, field: fn(*mut DevCounters) -> *mut u64) {
-    let Some(counters) = slot(cgroup_id).or_else(|| overflow(cgroup_id)) else {
-        return;
-    };
-    // SAFETY: a map value of this CPU.
-    unsafe { atomic_add(field(counters), 1) };
-}
-
-#[inline(always)]
-fn slot(cgroup_id: u64) -> Option<*mut DevCounters> {
+fn slot(cgroup_id: u64) -> Option<*mut DevSlot> {
     let table = DEV_SLOTS_MAP.get_ptr_mut(0)?;
     let index = (cgroup_id & (DEV_SLOTS as u64 - 1)) as usize;
     // SAFETY: this CPU's table, and index < DEV_SLOTS.
-    let slot = unsafe {
+    unsafe {
         slots::find(
             (&raw mut (*table).slots).cast::<DevSlot>(),
             index,
             cgroup_id,
             &DEV_EVICT,
         )
-    }?;
-    // SAFETY: a slot of this CPU's table.
-    Some(unsafe { &raw mut (*slot).counters })
+    }
 }
 
+/// The counters of `cgroup_id` when no slot of this CPU is free for it.
 #[inline(never)]
 fn overflow(cgroup_id: u64) -> Option<*mut DevCounters> {
     if let Some(counters) = DEV_COUNTS.get_ptr_mut(cgroup_id) {
@@ -154,59 +125,115 @@ fn overflow(cgroup_id: u64) -> Option<*mut DevCounters> {
     DEV_COUNTS.get_ptr_mut(cgroup_id)
 }
 
-/// The access bits `cgroup_id` has to the device: from this CPU's cache when
-/// it holds the answer, else from the maps (and then cached). `None`: the
-/// cgroup has no policy.
+/// Adds one to a counter (atomic: cgroup_device runs in process context,
+/// where another task's program can preempt it on this CPU).
 #[inline(always)]
-fn bits_for(cgroup_id: u64, dev_type: u32, major: u32, minor: u32) -> Option<u32> {
-    // Read before any lookup: see crate::cache.
-    let generation = DEV_GENERATION.get(0).copied().unwrap_or(0);
-    let entry = DEV_CACHE.get_ptr_mut(0).map(|entries| {
-        // SAFETY: the index is below CACHE_ENTRIES.
-        unsafe {
-            entries
-                .cast::<Entry<Answer>>()
-                .add((cgroup_id & (CACHE_ENTRIES as u64 - 1)) as usize)
+fn count(counters: Option<*mut DevCounters>, field: fn(*mut DevCounters) -> *mut u64) {
+    if let Some(counters) = counters {
+        // SAFETY: a map value of this CPU.
+        unsafe { atomic_add(field(counters), 1) };
+    }
+}
+
+/// The access bits (or [`DEV_NO_POLICY`]) that `slot`'s last answer gives
+/// `cgroup_id` for the device, if that answer is for this device (or for
+/// every device) under this generation.
+///
+/// # Safety
+/// `slot` is a slot of this CPU's table.
+#[inline(always)]
+unsafe fn remembered(
+    slot: *mut DevSlot,
+    cgroup_id: u64,
+    generation: u64,
+    dev_type: u32,
+    device: u64,
+) -> Option<u32> {
+    // SAFETY (whole block): the caller's contract; read field by field
+    // (volatile) between two reads of the sequence count.
+    unsafe {
+        let answer = &raw mut (*slot).answer;
+        let seq = cache::read_begin(&raw const (*answer).seq)?;
+        let bits = read_volatile(&raw const (*answer).bits);
+        let hit = read_volatile(&raw const (*answer).cgroup_id) == cgroup_id
+            && read_volatile(&raw const (*answer).generation) == generation
+            && (bits & DEV_NO_POLICY != 0
+                || (read_volatile(&raw const (*answer).device) == device
+                    && read_volatile(&raw const (*answer).dev_type) == dev_type));
+        (hit && cache::unchanged(&raw const (*answer).seq, seq)).then_some(bits)
+    }
+}
+
+/// Keeps `bits` as `slot`'s last answer, unless another write is under way.
+///
+/// # Safety
+/// As for [`remembered`].
+#[inline(always)]
+unsafe fn remember(
+    slot: *mut DevSlot,
+    cgroup_id: u64,
+    generation: u64,
+    (dev_type, device): (u32, u64),
+    bits: u32,
+) {
+    // SAFETY (whole block): the caller's contract; written field by field.
+    unsafe {
+        let answer = &raw mut (*slot).answer;
+        if let Some(seq) = cache::write_begin(&raw mut (*answer).seq) {
+            write_volatile(&raw mut (*answer).cgroup_id, cgroup_id);
+            write_volatile(&raw mut (*answer).generation, generation);
+            write_volatile(&raw mut (*answer).device, device);
+            write_volatile(&raw mut (*answer).dev_type, dev_type);
+            write_volatile(&raw mut (*answer).bits, bits);
+            cache::write_end(&raw mut (*answer).seq, seq);
         }
-    });
-    // SAFETY: an entry of this CPU's cache.
-    let cached = entry.and_then(|entry| unsafe { cache::load(entry) });
-    let mut answer = match cached {
-        Some(answer) if answer.cgroup_id == cgroup_id && answer.generation == generation => {
-            if answer.has_policy == 0 {
-                return None;
-            }
-            if answer.dev_type == dev_type && answer.major == major && answer.minor == minor {
-                return Some(answer.bits);
-            }
-            answer
-        }
-        _ => {
-            // SAFETY: plain data read.
-            let policy = unsafe { DEV_POLICY.get(&cgroup_id) };
-            Answer {
-                cgroup_id,
-                generation,
-                has_policy: u32::from(policy.is_some()),
-                version: policy.map_or(0, |p| p.version),
-                dev_type: 0,
-                major: 0,
-                minor: 0,
-                bits: 0,
-            }
-        }
+    }
+}
+
+/// The whole decision, from the maps: the cgroup's policy and rules, its
+/// slot (claimed when free), the counts, and for a denial its event.
+#[inline(never)]
+fn decide(cgroup_id: u64, generation: u64, access_type: u32, major: u32, minor: u32) -> i32 {
+    let dev_type = access_type & 0xffff;
+    let access = access_type >> 16;
+    let device = (u64::from(major) << 32) | u64::from(minor);
+    // SAFETY: plain data read.
+    let bits = match unsafe { DEV_POLICY.get(&cgroup_id) } {
+        Some(policy) => allowed(policy.version, dev_type, major, minor),
+        None => DEV_NO_POLICY,
     };
-    if answer.has_policy != 0 {
-        answer.bits = allowed(answer.version, dev_type, major, minor);
-        answer.dev_type = dev_type;
-        answer.major = major;
-        answer.minor = minor;
+    let slot = slot(cgroup_id);
+    if let Some(slot) = slot {
+        // SAFETY: a slot of this CPU's table.
+        unsafe { remember(slot, cgroup_id, generation, (dev_type, device), bits) };
     }
-    if let Some(entry) = entry {
-        // SAFETY: as above.
-        unsafe { cache::store(entry, &answer) };
+    if bits & DEV_NO_POLICY != 0 {
+        return ALLOW;
     }
-    (answer.has_policy != 0).then_some(answer.bits)
+    let counters = match slot {
+        // SAFETY: a slot of this CPU's table.
+        Some(slot) => Some(unsafe { &raw mut (*slot).counters }),
+        None => overflow(cgroup_id),
+    };
+    if access & !bits == 0 {
+        // SAFETY (field projections): pointers into the map value.
+        count(counters, |c| unsafe { &raw mut (*c).allowed });
+        return ALLOW;
+    }
+    count(counters, |c| unsafe { &raw mut (*c).denied });
+    let event = Event {
+        kind: EVENT_DEVICE_DENIED,
+        cgroup_id,
+        dev_type,
+        major,
+        minor,
+        access,
+        ..Event::ZERO
+    };
+    if !events::send(event, true) {
+        count(counters, |c| unsafe { &raw mut (*c).suppressed });
+    }
+    DENY
 }
 
 #[cgroup_device]
@@ -221,30 +248,29 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
             (*ctx.device).minor,
         )
     };
-    let dev_type = access_type & 0xffff;
-    let access = access_type >> 16;
-    let Some(bits) = bits_for(cgroup_id, dev_type, major, minor) else {
-        return ALLOW;
-    };
-    if access & !bits == 0 {
-        // SAFETY (field projections): pointers into the map value.
-        count(cgroup_id, |c| unsafe { &raw mut (*c).allowed });
-        return ALLOW;
+    // Read before any lookup: see crate::cache.
+    let generation = DEV_GENERATION.get(0).copied().unwrap_or(0);
+    if let Some(table) = DEV_SLOTS_MAP.get_ptr_mut(0) {
+        let index = (cgroup_id & (DEV_SLOTS as u64 - 1)) as usize;
+        // SAFETY (whole block): a slot of this CPU's table (index < DEV_SLOTS).
+        unsafe {
+            let slot = (&raw mut (*table).slots).cast::<DevSlot>().add(index);
+            if read_volatile(&raw const (*slot).cgroup_id) == cgroup_id {
+                let device = (u64::from(major) << 32) | u64::from(minor);
+                let bits = remembered(slot, cgroup_id, generation, access_type & 0xffff, device);
+                if let Some(bits) = bits {
+                    if bits & DEV_NO_POLICY != 0 {
+                        return ALLOW;
+                    }
+                    if (access_type >> 16) & !bits == 0 {
+                        atomic_add(&raw mut (*slot).counters.allowed, 1);
+                        return ALLOW;
+                    }
+                }
+            }
+        }
     }
-    count(cgroup_id, |c| unsafe { &raw mut (*c).denied });
-    let event = Event {
-        kind: EVENT_DEVICE_DENIED,
-        cgroup_id,
-        dev_type,
-        major,
-        minor,
-        access,
-        ..Event::ZERO
-    };
-    if !events::send(event, true) {
-        count(cgroup_id, |c| unsafe { &raw mut (*c).suppressed });
-    }
-    DENY
+    decide(cgroup_id, generation, access_type, major, minor)
 }
 
 /// Allows everything and touches nothing: the baseline of `cargo xtask bench dev`.

@@ -426,7 +426,7 @@ fn cached_decide(id: u64, generation: u64, question: u64, packet: &Packet) -> u3
         // SAFETY (whole block): an entry of this CPU's cache, read field by
         // field (volatile) between two reads of its sequence count.
         unsafe {
-            if let Some(seq) = cache::read_begin(entry) {
+            if let Some(seq) = cache::read_begin(cache::seq(entry)) {
                 let cached = cache::value(entry);
                 let hit = read_volatile(&raw const (*cached).cgroup_id) == id
                     && read_volatile(&raw const (*cached).generation) == generation
@@ -434,7 +434,7 @@ fn cached_decide(id: u64, generation: u64, question: u64, packet: &Packet) -> u3
                     && read_volatile(&raw const (*cached).default_allow) == default_allow
                     && read_volatile(&raw const (*cached).remote) == remote;
                 let answer = read_volatile(&raw const (*cached).answer);
-                if hit && cache::unchanged(entry, seq) {
+                if hit && cache::unchanged(cache::seq(entry), seq) {
                     return answer;
                 }
             }
@@ -445,7 +445,7 @@ fn cached_decide(id: u64, generation: u64, question: u64, packet: &Packet) -> u3
     if let Some(entry) = entry {
         // SAFETY (whole block): as above, written field by field.
         unsafe {
-            if let Some(seq) = cache::write_begin(entry) {
+            if let Some(seq) = cache::write_begin(cache::seq(entry)) {
                 let cached = cache::value(entry);
                 write_volatile(&raw mut (*cached).cgroup_id, id);
                 write_volatile(&raw mut (*cached).generation, generation);
@@ -453,7 +453,7 @@ fn cached_decide(id: u64, generation: u64, question: u64, packet: &Packet) -> u3
                 write_volatile(&raw mut (*cached).default_allow, default_allow);
                 write_volatile(&raw mut (*cached).remote, remote);
                 write_volatile(&raw mut (*cached).answer, answer);
-                cache::write_end(entry, seq);
+                cache::write_end(cache::seq(entry), seq);
             }
         }
     }

@@ -8,11 +8,13 @@
 //!   devpeer deny COUNT PATH           opens PATH for reading COUNT times;
 //!       prints how many failed with EPERM
 //!   devpeer bench COUNT PATH          opens and closes PATH COUNT times;
-//!       prints the ns per open/close
+//!       prints the ns (of its CPU time) per open/close
 //!   devpeer cycle COUNT ROUNDS PATH CGROUP...
 //!       ROUNDS times: moves itself into each CGROUP (a v2 directory) in
-//!       turn and opens and closes PATH COUNT times there; prints a line per
-//!       round with the ns per open/close in each cgroup
+//!       turn (round r starting with the r-th, modulo their number) and
+//!       opens and closes PATH COUNT times there; prints a line per round
+//!       with the ns (of its CPU time) per open/close in each cgroup, in
+//!       the order given
 use std::{
     fs::OpenOptions,
     process::ExitCode,
@@ -26,6 +28,14 @@ fn open(path: &str, read: bool, write: bool) -> Result<(), nix::errno::Errno> {
         .open(path)
         .map(drop)
         .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+}
+
+/// This thread's CPU time: with paravirtual steal-time accounting, time the
+/// hypervisor gave to other guests is left out, as is interrupt time.
+fn thread_cpu_ns() -> Result<u64, String> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_err(|e| format!("clock_gettime: {e}"))?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
 fn name(result: Result<(), nix::errno::Errno>) -> String {
@@ -127,13 +137,13 @@ fn run(args: &[String]) -> Result<(), String> {
                 .parse()
                 .map_err(|e| format!("{e}"))?;
             let path = args.get(2).ok_or("PATH")?;
-            let start = Instant::now();
+            let start = thread_cpu_ns()?;
             for _ in 0..count {
                 open(path, true, true).map_err(|e| format!("{path}: {e}"))?;
             }
             println!(
                 "{:.1}",
-                start.elapsed().as_nanos() as f64 / f64::from(count)
+                (thread_cpu_ns()? - start) as f64 / f64::from(count)
             );
             Ok(())
         }
@@ -147,19 +157,23 @@ fn run(args: &[String]) -> Result<(), String> {
             let (count, rounds) = (number(1, "COUNT")?, number(2, "ROUNDS")?);
             let path = args.get(3).ok_or("PATH")?;
             let cgroups = &args[4.min(args.len())..];
-            for _ in 0..rounds {
-                let mut line = Vec::new();
-                for cgroup in cgroups {
+            for round in 0..rounds as usize {
+                let mut line = vec![String::new(); cgroups.len()];
+                // Each round starts in the next cgroup, so that no mode
+                // always follows the same one.
+                for k in 0..cgroups.len() {
+                    let i = (round + k) % cgroups.len();
+                    let cgroup = &cgroups[i];
                     std::fs::write(format!("{cgroup}/cgroup.procs"), "0")
                         .map_err(|e| format!("{cgroup}/cgroup.procs: {e}"))?;
-                    let start = Instant::now();
+                    let start = thread_cpu_ns()?;
                     for _ in 0..count {
                         open(path, true, true).map_err(|e| format!("{path}: {e}"))?;
                     }
-                    line.push(format!(
+                    line[i] = format!(
                         "{:.1}",
-                        start.elapsed().as_nanos() as f64 / f64::from(count)
-                    ));
+                        (thread_cpu_ns()? - start) as f64 / f64::from(count)
+                    );
                 }
                 println!("{}", line.join(" "));
             }

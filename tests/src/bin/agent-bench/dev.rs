@@ -137,8 +137,11 @@ fn opens(cgroup: &Cgroup, count: u32) -> Result<f64, String> {
         .map_err(|e| format!("devpeer output: {e}"))
 }
 
-/// Opens per cgroup per round of [`cycle`] (about 15 ms).
-const CYCLE_OPENS: u32 = 10_000;
+/// Opens per cgroup per round of [`cycle`] (about 3 ms).
+const CYCLE_OPENS: u32 = 2_000;
+
+/// Rounds of each cycle timed by the kernel (kernel.bpf_stats_enabled=1).
+const STATS_ROUNDS: usize = 60;
 
 /// ns per open/close in each of `cgroups`, per round: one process, pinned
 /// to CPU 1, that moves itself from cgroup to cgroup (`devpeer cycle`), so
@@ -191,36 +194,41 @@ pub fn run(options: &Options) -> Result<(), String> {
         attached.push(attach(mode, cgroup)?);
     }
     let count = 100_000 * options.seconds.max(1) / 5;
-    let rounds = options.repeats * 60;
+    let rounds = options.repeats * 300;
     eprintln!("warm-up: one run in each mode");
     for cgroup in &cgroups {
         opens(cgroup, count)?;
     }
-    // Wall clock, with the kernel's timing of programs off: one process
+    // CPU time, with the kernel's timing of programs off: one process
     // moving itself from cgroup to cgroup, a short run in each.
     let ns = cycle(&cgroups, CYCLE_OPENS, rounds)?;
-    // The programs' own time per run, from the kernel (the first mode has none).
+    // The programs' own time per run, from the kernel (the first mode has
+    // none), in `repeats` shorter cycles of the same kind.
+    let ids: Vec<Vec<u32>> = cgroups
+        .iter()
+        .map(|cgroup| attached_ids(&cgroup.path, "cgroup_device"))
+        .collect();
     let mut per_run = vec![Vec::new(); Mode::ALL.len()];
     let stats = BpfStats::enable();
     for _ in 0..options.repeats {
-        for (i, (mode, cgroup)) in Mode::ALL.into_iter().zip(&cgroups).enumerate() {
-            let ids = attached_ids(&cgroup.path, "cgroup_device");
-            if ids.is_empty() {
+        let before: Vec<_> = ids.iter().map(|ids| program_stats_by_id(ids)).collect();
+        cycle(&cgroups, CYCLE_OPENS, STATS_ROUNDS)?;
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            if ids[i].is_empty() {
                 continue;
             }
-            let before = program_stats_by_id(&ids);
-            opens(cgroup, count)?;
-            let after = program_stats_by_id(&ids);
-            let runs = after.1.saturating_sub(before.1);
+            let after = program_stats_by_id(&ids[i]);
+            let runs = after.1.saturating_sub(before[i].1);
             // One run per open of the character device.
-            if runs < u64::from(count) {
+            let opens = u64::from(CYCLE_OPENS) * STATS_ROUNDS as u64;
+            if runs < opens {
                 return Err(format!(
-                    "{}: the program ran {runs} times for {count} opens",
+                    "{}: the program ran {runs} times for {opens} opens",
                     mode.label()
                 ));
             }
             #[expect(clippy::cast_precision_loss, reason = "ns per run")]
-            per_run[i].push(after.0.saturating_sub(before.0) as f64 / runs as f64);
+            per_run[i].push(after.0.saturating_sub(before[i].0) as f64 / runs as f64);
         }
     }
     drop(stats);
@@ -230,33 +238,45 @@ pub fn run(options: &Options) -> Result<(), String> {
         table,
         "Each mode has a cgroup of its own with its program attached throughout. One process pinned to \
          CPU 1 moves itself from cgroup to cgroup and opens and closes /dev/null (read-write) \
-         {CYCLE_OPENS} times in each: a round runs every mode once, back to back (some 60 ms), {rounds} \
-         rounds after a warm-up. Policies: default deny, the rule \
-         allowing /dev/null last. Cells: median (min to max); \"added\" is the median over rounds of \
-         the difference to no program within the round, with kernel.bpf_stats_enabled=0. \"program ns \
-         per run\": the kernel's own count, in {} separate runs per mode with \
-         kernel.bpf_stats_enabled=1 (which adds its own two clock reads to each run: most of the empty \
-         program's figure); one run per open.",
+         {CYCLE_OPENS} times in each: a round runs every mode once, back to back (some 12 ms), each \
+         round starting with the next mode, {rounds} rounds after a warm-up. Times are the process's \
+         CPU time (CLOCK_THREAD_CPUTIME_ID: time the hypervisor gave to other guests is left out). \
+         Policies: default deny, the rule allowing /dev/null last. Cells: median (min to max); \
+         \"added\" is the median over rounds of the difference to no program within the round, \
+         \"over empty\" the same to the empty program, both with kernel.bpf_stats_enabled=0. The \
+         empty program's row is what the kernel's call of any cgroup_device program costs here; \
+         \"over empty\" is the policy program's own work. \"program ns per run\": the kernel's \
+         own count, in {} cycles of {STATS_ROUNDS} rounds with kernel.bpf_stats_enabled=1 (which \
+         adds its own two clock reads to each run: most of the empty program's figure); one run \
+         per open.",
         options.repeats
     );
     let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "| mode | ns per open/close | added ns per open | ratio to no program | program ns per run |"
+        "| mode | ns per open/close | added ns per open | over empty | ratio to no program | program ns per run |"
     );
-    let _ = writeln!(table, "|---|---:|---:|---:|---:|");
-    for (i, mode) in Mode::ALL.into_iter().enumerate() {
-        let added: Vec<f64> = ns[i]
+    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|");
+    let added = |i: usize, base: usize| {
+        let differences: Vec<f64> = ns[i]
             .iter()
-            .zip(&ns[0])
+            .zip(&ns[base])
             .map(|(with, without)| with - without)
             .collect();
+        measure::median(&differences)
+    };
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
         let _ = writeln!(
             table,
-            "| {} | {} | {:.1} | {:.3} | {} |",
+            "| {} | {} | {:.1} | {} | {:.3} | {} |",
             mode.label(),
             spread(&ns[i], 1),
-            measure::median(&added),
+            added(i, 0),
+            if matches!(mode, Mode::Rules(_)) {
+                format!("{:.1}", added(i, 1))
+            } else {
+                "-".to_owned()
+            },
             paired_ratio(&ns[i], &ns[0]),
             if per_run[i].is_empty() {
                 "-".to_owned()
