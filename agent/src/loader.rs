@@ -26,8 +26,8 @@ use common::{
     maps,
     netpolicy::{GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
-    AGENT_INFO_PATH_MAX, EVENT_RATE, LAYOUT_VERSION, NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID,
-    SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET, TASK_RUN_DELAY_OFFSET,
+    AGENT_INFO_PATH_MAX, EVENT_RATE, GUARD_OWNER, GUARD_OWNER_DAEMON, LAYOUT_VERSION, NET_SLOTS,
+    NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET, TASK_RUN_DELAY_OFFSET,
 };
 
 use crate::{bpffs, sys};
@@ -560,6 +560,8 @@ impl Attached {
         let mask = u64::from(options.net_slots - 1);
         loader.override_global(NET_SLOT_MASK, &mask, true);
         loader.override_global(EVENT_RATE, &options.event_rate, true);
+        // The policies this daemon writes are the ones its programs count.
+        loader.override_global(GUARD_OWNER, &GUARD_OWNER_DAEMON, true);
         let map_pins: Vec<(&str, PathBuf)> = options
             .pin_dir
             .iter()
@@ -840,6 +842,15 @@ pub fn guard_workload(
 ) -> Result<(WorkloadGuard, DeviceMaps, NetworkMaps), Error> {
     let mut loader = EbpfLoader::new();
     loader.allow_unsupported_maps();
+    // These programs count the workload's own policy; a daemon's programs,
+    // which may run for the same accesses, count the daemon's.
+    let cgroup_id = fs::metadata(cgroup)
+        .map(|meta| std::os::unix::fs::MetadataExt::ino(&meta))
+        .map_err(|source| Error::OpenCgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+    loader.override_global(GUARD_OWNER, &cgroup_id, true);
     let shared: Vec<(&str, PathBuf)> = pin_dir
         .filter(|dir| pins_exist(dir))
         .map(|dir| {

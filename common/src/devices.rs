@@ -68,6 +68,9 @@ pub struct DevAnswer {
     pub generation: u64,
     /// `major << 32 | minor` of the device.
     pub device: u64,
+    /// Who counts the cgroup's accesses (see `GUARD_OWNER`): the
+    /// program whose key this is.
+    pub counter: u64,
     /// Its type ([`TYPE_CHAR`], [`TYPE_BLOCK`]; 0 before the first answer).
     pub dev_type: u32,
     /// The access bits the policy allows it, or [`DEV_NO_POLICY`].
@@ -78,7 +81,7 @@ pub struct DevAnswer {
 /// whatever the device, and not counted.
 pub const DEV_NO_POLICY: u32 = 1 << 31;
 
-/// Every device slot of one CPU (18 KiB): a decision reads the cgroup's
+/// Every device slot of one CPU (20 KiB): a decision reads the cgroup's
 /// last answer and adds to its counters one array element and an offset
 /// away, with no hash lookup. Cgroups whose slot another holds count in
 /// `DEV_COUNTS`.

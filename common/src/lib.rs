@@ -150,6 +150,9 @@ pub mod programs {
     pub const DEV_GUARD: &str = "dev_guard";
     /// cgroup_device that allows everything: the baseline of `cargo xtask bench dev`.
     pub const DEV_EMPTY: &str = "dev_empty";
+    /// Asks for the task's cgroup id and allows: the least a per-cgroup
+    /// device program does (a baseline of `cargo xtask bench dev`).
+    pub const DEV_CGROUP_ID: &str = "dev_cgroup_id";
     /// cgroup_skb egress and ingress: enforce network policies (attached
     /// only where asked: they can drop).
     pub const NET_GUARD_EGRESS: &str = "net_guard_egress";
@@ -182,6 +185,15 @@ pub const TASK_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
 /// Name of the global (in `.rodata`) holding the offset of
 /// `task_struct.se.sum_exec_runtime`, from the kernel's BTF.
 pub const TASK_EXEC_OFFSET: &str = "TASK_EXEC_OFFSET";
+
+/// Name of the global (in `.rodata`) telling a policy program which
+/// accesses it counts, reports and charges rate caps for:
+/// [`GUARD_OWNER_DAEMON`] in the daemon (policies it wrote), the workload's
+/// cgroup id in `agent run` (that cgroup's policy). Every attached program
+/// enforces.
+pub const GUARD_OWNER: &str = "GUARD_OWNER";
+/// [`GUARD_OWNER`] of the daemon's programs.
+pub const GUARD_OWNER_DAEMON: u64 = u64::MAX;
 
 /// Name of the global with the event rate limit, in events per second per
 /// CPU (also the burst).

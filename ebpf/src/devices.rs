@@ -4,7 +4,9 @@
 //! however often policies change, only the maps change: never a stack of
 //! programs.
 //!
-//! A cgroup without a policy is allowed everything (and not counted). The
+//! A cgroup without a policy of its own has its nearest ancestor's (a
+//! policy covers its subtree); one with neither is allowed everything (and
+//! not counted). The
 //! rule table is compiled by userspace (see agent/src/policy/devices.rs) so
 //! that the answer is one exact lookup, falling back to `major:*`, `*:minor`
 //! and `*:*` for numbers no rule names.
@@ -20,7 +22,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::generated::bpf_get_current_cgroup_id,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
     macros::{cgroup_device, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::DeviceContext,
@@ -35,7 +37,7 @@ use common::{
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
-    cache, events,
+    cache, events, owner,
     slots::{self, atomic_add, Slot},
 };
 
@@ -136,8 +138,8 @@ fn count(counters: Option<*mut DevCounters>, field: fn(*mut DevCounters) -> *mut
 }
 
 /// The access bits (or [`DEV_NO_POLICY`]) that `slot`'s last answer gives
-/// `cgroup_id` for the device, if that answer is for this device (or for
-/// every device) under this generation.
+/// `cgroup_id` for the device, and who counts them, if that answer is for
+/// this device (or for every device) under this generation.
 ///
 /// # Safety
 /// `slot` is a slot of this CPU's table.
@@ -148,23 +150,25 @@ unsafe fn remembered(
     generation: u64,
     dev_type: u32,
     device: u64,
-) -> Option<u32> {
+) -> Option<(u32, u64)> {
     // SAFETY (whole block): the caller's contract; read field by field
     // (volatile) between two reads of the sequence count.
     unsafe {
         let answer = &raw mut (*slot).answer;
         let seq = cache::read_begin(&raw const (*answer).seq)?;
         let bits = read_volatile(&raw const (*answer).bits);
+        let counter = read_volatile(&raw const (*answer).counter);
         let hit = read_volatile(&raw const (*answer).cgroup_id) == cgroup_id
             && read_volatile(&raw const (*answer).generation) == generation
             && (bits & DEV_NO_POLICY != 0
                 || (read_volatile(&raw const (*answer).device) == device
                     && read_volatile(&raw const (*answer).dev_type) == dev_type));
-        (hit && cache::unchanged(&raw const (*answer).seq, seq)).then_some(bits)
+        (hit && cache::unchanged(&raw const (*answer).seq, seq)).then_some((bits, counter))
     }
 }
 
-/// Keeps `bits` as `slot`'s last answer, unless another write is under way.
+/// Keeps `bits` and `counter` as `slot`'s last answer, unless another write
+/// is under way.
 ///
 /// # Safety
 /// As for [`remembered`].
@@ -174,7 +178,7 @@ unsafe fn remember(
     cgroup_id: u64,
     generation: u64,
     (dev_type, device): (u32, u64),
-    bits: u32,
+    (bits, counter): (u32, u64),
 ) {
     // SAFETY (whole block): the caller's contract; written field by field.
     unsafe {
@@ -185,30 +189,74 @@ unsafe fn remember(
             write_volatile(&raw mut (*answer).device, device);
             write_volatile(&raw mut (*answer).dev_type, dev_type);
             write_volatile(&raw mut (*answer).bits, bits);
+            write_volatile(&raw mut (*answer).counter, counter);
             cache::write_end(&raw mut (*answer).seq, seq);
         }
     }
 }
 
+/// Levels of the v2 hierarchy whose cgroups [`policy_of`] consults as
+/// ancestors (the root is level 0).
+const MAX_LEVELS: i32 = 32;
+
+/// The policy in force for the current task's cgroup (`cgroup_id`): its
+/// own, else its nearest ancestor's; with who counts under it (see
+/// [`owner::counter`]). A policy covers its
+/// subtree, so a cgroup created under a policed one (by a workload, or
+/// before the daemon has written its entry) is policed from its first
+/// access. Ancestors deeper than [`MAX_LEVELS`] are not consulted.
+#[inline(always)]
+fn policy_of(cgroup_id: u64) -> Option<(u32, u64)> {
+    // SAFETY: plain data read.
+    if let Some(policy) = unsafe { DEV_POLICY.get(&cgroup_id) } {
+        return Some((policy.version, owner::counter(policy.owner, cgroup_id)));
+    }
+    let mut nearest = None;
+    for level in 0..MAX_LEVELS {
+        // SAFETY: a helper without pointer arguments; 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        // SAFETY: plain data read.
+        if let Some(policy) = unsafe { DEV_POLICY.get(&id) } {
+            nearest = Some((policy.version, owner::counter(policy.owner, id)));
+        }
+    }
+    nearest
+}
+
 /// The whole decision, from the maps: the cgroup's policy and rules, its
-/// slot (claimed when free), the counts, and for a denial its event.
+/// slot (claimed when free), and, when this program counts under the
+/// policy, the counts and for a denial its event.
 #[inline(never)]
 fn decide(cgroup_id: u64, generation: u64, access_type: u32, major: u32, minor: u32) -> i32 {
     let dev_type = access_type & 0xffff;
     let access = access_type >> 16;
     let device = (u64::from(major) << 32) | u64::from(minor);
-    // SAFETY: plain data read.
-    let bits = match unsafe { DEV_POLICY.get(&cgroup_id) } {
-        Some(policy) => allowed(policy.version, dev_type, major, minor),
-        None => DEV_NO_POLICY,
+    let (bits, counter) = match policy_of(cgroup_id) {
+        Some((version, counter)) => (allowed(version, dev_type, major, minor), counter),
+        None => (DEV_NO_POLICY, 0),
     };
     let slot = slot(cgroup_id);
     if let Some(slot) = slot {
         // SAFETY: a slot of this CPU's table.
-        unsafe { remember(slot, cgroup_id, generation, (dev_type, device), bits) };
+        unsafe {
+            remember(
+                slot,
+                cgroup_id,
+                generation,
+                (dev_type, device),
+                (bits, counter),
+            );
+        }
     }
     if bits & DEV_NO_POLICY != 0 {
         return ALLOW;
+    }
+    if !owner::mine(counter) {
+        // Another program counts it (and, if it must, denies it too).
+        return if access & !bits == 0 { ALLOW } else { DENY };
     }
     let counters = match slot {
         // SAFETY: a slot of this CPU's table.
@@ -257,13 +305,15 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
             let slot = (&raw mut (*table).slots).cast::<DevSlot>().add(index);
             if read_volatile(&raw const (*slot).cgroup_id) == cgroup_id {
                 let device = (u64::from(major) << 32) | u64::from(minor);
-                let bits = remembered(slot, cgroup_id, generation, access_type & 0xffff, device);
-                if let Some(bits) = bits {
+                let answer = remembered(slot, cgroup_id, generation, access_type & 0xffff, device);
+                if let Some((bits, counter)) = answer {
                     if bits & DEV_NO_POLICY != 0 {
                         return ALLOW;
                     }
                     if (access_type >> 16) & !bits == 0 {
-                        atomic_add(&raw mut (*slot).counters.allowed, 1);
+                        if owner::mine(counter) {
+                            atomic_add(&raw mut (*slot).counters.allowed, 1);
+                        }
                         return ALLOW;
                     }
                 }
@@ -277,4 +327,18 @@ pub fn dev_guard(ctx: DeviceContext) -> i32 {
 #[cgroup_device]
 pub fn dev_empty(_ctx: DeviceContext) -> i32 {
     ALLOW
+}
+
+/// Asks for the task's cgroup id and allows everything: the least any
+/// per-cgroup policy program does (a baseline of `cargo xtask bench dev`).
+#[cgroup_device]
+pub fn dev_cgroup_id(_ctx: DeviceContext) -> i32 {
+    // SAFETY: a helper without pointer arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // The id's use: never 0 for a task's cgroup.
+    if id == 0 {
+        DENY
+    } else {
+        ALLOW
+    }
 }

@@ -16,6 +16,7 @@ mod events;
 mod info;
 mod net;
 mod netguard;
+mod owner;
 mod sched;
 mod slots;
 

@@ -37,7 +37,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
     cache::{self, Entry},
-    events,
+    events, owner,
     slots::{self, atomic_add, cmpxchg, Slot},
 };
 
@@ -204,8 +204,10 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
     if allow {
         return PASS;
     }
-    count_drop(id, |d| unsafe { &raw mut (*d).refused_connects }, None);
-    report(id, DIR_EGRESS, rule, &packet, REASON_CONNECT, true);
+    if owner::mine(owner::counter(policy.owner, id)) {
+        count_drop(id, |d| unsafe { &raw mut (*d).refused_connects }, None);
+        report(id, DIR_EGRESS, rule, &packet, REASON_CONNECT, true);
+    }
     DROP
 }
 
@@ -232,6 +234,9 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     };
     let len = u64::from(ctx.len());
     let egress = direction == DIR_EGRESS;
+    // Both the daemon's and a workload's programs may run for this packet:
+    // both enforce the rules, one counts, reports and charges the cap.
+    let mine = owner::mine(owner::counter(policy.owner, id));
     if egress {
         // SAFETY: priority and mark are writable for cgroup_skb.
         unsafe {
@@ -255,9 +260,13 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
                 | u64::from(policy.flags & deny == 0);
             let answer = cached_decide(id, generation, question, &packet);
             let (allow, rule) = (answer >> 16 != 0, answer as u16);
-            count_hit(id, direction, rule, len);
+            if mine {
+                count_hit(id, direction, rule, len);
+            }
             if !allow {
-                denied(id, direction, rule, &packet, len);
+                if mine {
+                    denied(id, direction, rule, &packet, len);
+                }
                 return DROP;
             }
         }
@@ -267,7 +276,7 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     } else {
         &policy.ingress_rate
     };
-    if rate.ns_per_byte_q16 == 0 {
+    if rate.ns_per_byte_q16 == 0 || !mine {
         return PASS;
     }
     match limit(id, direction, rate, len) {

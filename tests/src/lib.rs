@@ -88,7 +88,8 @@ impl Cgroup {
         Self::create(v2_mount().join(unique(name)))
     }
 
-    fn create(path: PathBuf) -> Self {
+    /// A new cgroup at `path` (whose parent exists), removed when dropped.
+    pub fn create(path: PathBuf) -> Self {
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         Self { path }
     }

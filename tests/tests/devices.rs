@@ -11,7 +11,8 @@ use std::{
 };
 
 use agent_tests::{
-    agent_bin, attachments, loop_report, require_root, unique, Cgroup, Daemon, PolicyFile, Runs,
+    agent_bin, attachments, loop_report, require_root, unique, v2_mount, Cgroup, Daemon,
+    PolicyFile, Runs,
 };
 
 /// The device helper binary, next to the agent.
@@ -80,6 +81,15 @@ fn the_kernel_returns_eperm_for_what_the_policy_denies() {
         ],
     );
     assert_eq!(verdicts, ["ok", "ok", "EPERM", "EPERM", "EPERM"]);
+    // A cgroup made under the policed one has its policy from its first
+    // access, before the daemon has seen it.
+    let inner = box_.child("inner");
+    let verdicts = devpeer_in(
+        &inner,
+        &["try", "rw:/dev/null", "w:/dev/urandom", "r:/dev/zero"],
+    );
+    assert_eq!(verdicts, ["ok", "EPERM", "EPERM"]);
+    drop(inner);
     // Outside the policed cgroup, the same accesses are allowed.
     let free = root.child("free");
     let verdicts = devpeer_in(&free, &["try", "w:/dev/urandom", "r:/dev/zero", &mknod]);
@@ -398,4 +408,117 @@ fn agent_run_device_rules_hold_for_the_workload() {
             .collect::<Vec<_>>(),
         ["ok", "ok", "EPERM", "EPERM", "EPERM"]
     );
+}
+
+#[test]
+fn a_cgroup_made_inside_a_workload_keeps_its_device_rules() {
+    let runs = Runs::new();
+    let mut run = runs.spawn(
+        &["--name", "nest", "--net", "none", "--device", "c 1:3 rw"],
+        &["sleep", "30"],
+    );
+    runs.wait_running("nest");
+    // A cgroup the workload's own policy entry does not name: the program
+    // finds its nearest policed ancestor, from the first access on.
+    let inner = Cgroup::create(v2_mount().join(&runs.parent).join("nest").join("inner"));
+    let verdicts = devpeer_in(
+        &inner,
+        &["try", "rw:/dev/null", "w:/dev/urandom", "r:/dev/zero"],
+    );
+    assert_eq!(verdicts, ["ok", "EPERM", "EPERM"]);
+    let deeper = inner.child("deeper");
+    let verdicts = devpeer_in(&deeper, &["try", "rw:/dev/null", "r:/dev/zero"]);
+    assert_eq!(verdicts, ["ok", "EPERM"]);
+    drop(deeper);
+    drop(inner);
+    assert!(runs
+        .agent(&["stop", "nest", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
+}
+
+#[test]
+fn a_workload_under_an_enforcing_daemon_is_counted_once() {
+    let runs = Runs::new();
+    let v2_parent = v2_mount().join(&runs.parent);
+    fs::create_dir_all(&v2_parent).unwrap();
+    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
+    let state = runs.state.display().to_string();
+    let daemon = Daemon::start(
+        &v2_parent,
+        &[
+            "--policy",
+            file.0.to_str().unwrap(),
+            "--interval",
+            "200ms",
+            "--event-rate",
+            "1000",
+            "--state-dir",
+            &state,
+        ],
+    );
+    // The daemon's program at the root and the workload's own both run for
+    // each of the workload's accesses; one of them counts it.
+    let script = format!(
+        "{peer} deny 50 /dev/zero && {peer} try rw:/dev/null rw:/dev/null && exec sleep 30",
+        peer = devpeer().display()
+    );
+    let mut run = runs.spawn(
+        &[
+            "--name",
+            "counted",
+            "--net",
+            "none",
+            "--pin-dir",
+            daemon.pin_dir.to_str().unwrap(),
+            "--device",
+            "c 1:3 rw",
+        ],
+        &["sh", "-c", &script],
+    );
+    agent_tests::wait_for_line(&mut run, "50");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = daemon.stats();
+        let devices = stats["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["path"] == "/counted")
+            .map(|c| c["devices"].clone());
+        let events = daemon
+            .audit()
+            .iter()
+            .filter(|e| e["cgroup"] == "/counted")
+            .count();
+        if let Some(devices) = devices
+            .as_ref()
+            .filter(|d| d["denied"] != 0 && events >= 50)
+        {
+            assert_eq!(devices["denied"], 50, "{devices}");
+            assert_eq!(devices["allowed"], 2, "{devices}");
+            assert_eq!(devices["suppressed_events"], 0, "{devices}");
+            // Any second event of an access would be in the log by now.
+            thread::sleep(Duration::from_millis(500));
+            let events = daemon
+                .audit()
+                .iter()
+                .filter(|e| e["cgroup"] == "/counted")
+                .count();
+            assert_eq!(events, 50);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workload's counts never showed: {devices:?}, {events} events"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(runs
+        .agent(&["stop", "counted", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
+    drop(daemon);
 }

@@ -5,6 +5,7 @@
 //! loopback and on veth pairs between namespaces the tests create.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -563,4 +564,92 @@ fn agent_run_network_flags_police_the_workload_in_command_line_order() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "agent: --net-deny \"10.0.0.0/40\": \"10.0.0.0/40\": prefix length \"40\" is not 0 to 32"
     );
+}
+
+#[test]
+fn a_workload_under_an_enforcing_daemon_is_counted_once() {
+    let runs = Runs::new();
+    let v2_parent = agent_tests::v2_mount().join(&runs.parent);
+    std::fs::create_dir_all(&v2_parent).unwrap();
+    let file = PolicyFile::new(&net_policy(
+        "/other",
+        r#"{"egress": {"default": "allow", "rules": [{"deny": "10.0.0.0/8"}]}}"#,
+    ));
+    let daemon = Daemon::start(
+        &v2_parent,
+        &[
+            "--policy",
+            &file.arg(),
+            "--interval",
+            "200ms",
+            "--event-rate",
+            "1000",
+            "--state-dir",
+            &runs.state.display().to_string(),
+        ],
+    );
+    // The daemon's programs at the root and the workload's own both run for
+    // each of its datagrams; one of them counts each.
+    let script = format!(
+        "{peer} try udp:127.0.0.1:9001 udp:127.0.0.1:9001 udp:127.0.0.1:9001 udp:127.0.0.1:9002 \
+         && exec sleep 30",
+        peer = netpeer_bin().display()
+    );
+    let mut run = runs.spawn(
+        &[
+            "--name",
+            "netcounted",
+            "--pin-dir",
+            daemon.pin_dir.to_str().unwrap(),
+            "--net-deny",
+            "127.0.0.1:9001/udp",
+        ],
+        &["sh", "-c", &script],
+    );
+    let mut lines = BufReader::new(run.stdout.take().expect("piped stdout")).lines();
+    for verdict in ["EPERM", "EPERM", "EPERM", "ok"] {
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some(verdict));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = daemon.stats();
+        let net = net_of(&stats, "/netcounted").clone();
+        let events = net_events_now(&daemon, "/netcounted");
+        if net["dropped_packets"] != 0 && events >= 3 {
+            assert_eq!(net["dropped_packets"], 3, "{net}");
+            assert_eq!(net["dropped_bytes"], 3 * (100 + UDP_V4), "{net}");
+            assert_eq!(
+                net["rules"],
+                json!([
+                    {"direction": "egress", "rule": 0, "packets": 3, "bytes": 3 * 128},
+                    {"direction": "egress", "rule": null, "packets": 1, "bytes": 128}
+                ]),
+                "each datagram's hit counted once"
+            );
+            // Any second event of a datagram would be in the log by now.
+            thread::sleep(Duration::from_millis(500));
+            assert_eq!(net_events_now(&daemon, "/netcounted"), 3);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workload's drops never showed: {net}, {events} events"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(runs
+        .agent(&["stop", "netcounted", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
+    drop(daemon);
+}
+
+/// How many network events of the cgroup at `path` the daemon has logged.
+fn net_events_now(daemon: &Daemon, path: &str) -> usize {
+    daemon
+        .audit()
+        .iter()
+        .filter(|e| e["cgroup"] == path && e["kind"] == "net_denied")
+        .count()
 }

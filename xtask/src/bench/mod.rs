@@ -17,8 +17,8 @@ pub enum Which {
     /// the scheduler accounting; ns per run; the daemon's CPU at 10 to 1,000
     /// cgroups against polling cgroup files.
     Sched(Common),
-    /// ns per open/close of /dev/null with no program, an empty program, and
-    /// 10- and 100-rule device policies.
+    /// ns per open/close of /dev/null with no program, an empty program, one
+    /// that only asks for the cgroup id, and 10- and 100-rule device policies.
     Dev(Common),
     /// The daemon's CPU milliseconds and bytes per export at 10, 100 and
     /// 1,000 cgroups: OTLP gRPC, OTLP HTTP/protobuf and a Prometheus scrape.

@@ -1,7 +1,8 @@
 //! `agent-bench dev`: what the device policy costs per open.
 //!
 //! ns per open/close of /dev/null by a process in a cgroup with no device
-//! program, with an empty cgroup_device program, and with the agent's device
+//! program, with an empty cgroup_device program, with one that only asks for
+//! the task's cgroup id, and with the agent's device
 //! program enforcing a 10-rule and a 100-rule policy (the rule for /dev/null
 //! last), interleaved run by run. The policy is installed the way `agent run
 //! --device` does it: the program on the cgroup, the rules in its maps.
@@ -23,17 +24,27 @@ use crate::{
 #[derive(Clone, Copy)]
 enum Mode {
     None,
+    /// A program that returns at once.
     Empty,
+    /// A program that only asks for the task's cgroup id.
+    CgroupId,
     Rules(usize),
 }
 
 impl Mode {
-    const ALL: [Self; 4] = [Self::None, Self::Empty, Self::Rules(10), Self::Rules(100)];
+    const ALL: [Self; 5] = [
+        Self::None,
+        Self::Empty,
+        Self::CgroupId,
+        Self::Rules(10),
+        Self::Rules(100),
+    ];
 
     fn label(self) -> String {
         match self {
             Self::None => "no program".into(),
             Self::Empty => "empty program".into(),
+            Self::CgroupId => "cgroup id only".into(),
             Self::Rules(n) => format!("{n}-rule policy"),
         }
     }
@@ -67,7 +78,7 @@ fn policy(n: usize) -> DevicePolicy {
 #[expect(clippy::large_enum_variant, reason = "one at a time")]
 enum Attached {
     None,
-    Empty {
+    Baseline {
         _ebpf: aya::Ebpf,
     },
     Rules {
@@ -79,14 +90,19 @@ enum Attached {
 fn attach(mode: Mode, cgroup: &Cgroup) -> Result<Attached, String> {
     match mode {
         Mode::None => Ok(Attached::None),
-        Mode::Empty => {
+        Mode::Empty | Mode::CgroupId => {
+            let name = if matches!(mode, Mode::Empty) {
+                common::programs::DEV_EMPTY
+            } else {
+                common::programs::DEV_CGROUP_ID
+            };
             let mut ebpf = aya::EbpfLoader::new()
                 .allow_unsupported_maps()
                 .load(loader::EBPF_OBJECT)
                 .map_err(|e| e.to_string())?;
             let program: &mut CgroupDevice = ebpf
-                .program_mut(common::programs::DEV_EMPTY)
-                .ok_or("dev_empty is missing")?
+                .program_mut(name)
+                .ok_or(format!("{name} is missing"))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| e.to_string())?;
             program.load().map_err(|e| e.to_string())?;
@@ -94,7 +110,7 @@ fn attach(mode: Mode, cgroup: &Cgroup) -> Result<Attached, String> {
             program
                 .attach(dir, aya::programs::CgroupAttachMode::Single)
                 .map_err(|e| e.to_string())?;
-            Ok(Attached::Empty { _ebpf: ebpf })
+            Ok(Attached::Baseline { _ebpf: ebpf })
         }
         Mode::Rules(n) => {
             let guards = loader::Guards {
@@ -245,7 +261,9 @@ pub fn run(options: &Options) -> Result<(), String> {
          \"added\" is the median over rounds of the difference to no program within the round, \
          \"over empty\" the same to the empty program, both with kernel.bpf_stats_enabled=0. The \
          empty program's row is what the kernel's call of any cgroup_device program costs here; \
-         \"over empty\" is the policy program's own work. \"program ns per run\": the kernel's \
+         \"cgroup id only\" is a program that only asks for the task's cgroup id \
+         (bpf_get_current_cgroup_id), the least a program applying per-cgroup policies does; \
+         \"over empty\" is a program's own work. \"program ns per run\": the kernel's \
          own count, in {} cycles of {STATS_ROUNDS} rounds with kernel.bpf_stats_enabled=1 (which \
          adds its own two clock reads to each run: most of the empty program's figure); one run \
          per open.",
@@ -272,7 +290,7 @@ pub fn run(options: &Options) -> Result<(), String> {
             mode.label(),
             spread(&ns[i], 1),
             added(i, 0),
-            if matches!(mode, Mode::Rules(_)) {
+            if !matches!(mode, Mode::None | Mode::Empty) {
                 format!("{:.1}", added(i, 1))
             } else {
                 "-".to_owned()
