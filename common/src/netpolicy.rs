@@ -171,9 +171,28 @@ pub struct GuardSlot {
     /// Owner: a cgroup id, 0 for a free slot, or [`crate::SLOT_RECLAIMING`].
     pub cgroup_id: u64,
     pub defaults: [Hits; 2],
+    /// Kept by the programs only (userspace never reads it).
+    pub holder: PolicyHolder,
 }
 
-/// Every guard slot of one CPU (10 KiB). Most packets of a policed cgroup
+/// Which cgroup's policy covers a cgroup that has no `NET_POLICY` entry of
+/// its own: its nearest ancestor with one, or none. The programs remember
+/// it per CPU in the cgroup's slot, valid under the policy generation it was
+/// found under, and guarded by a sequence count (odd while a write is under
+/// way; see ebpf/src/cache.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyHolder {
+    pub seq: u64,
+    /// The cgroup it was found for (a slot handed on keeps the old one's).
+    pub cgroup_id: u64,
+    /// `NET_GENERATION` when it was found.
+    pub generation: u64,
+    /// The ancestor's id, or 0: no policy covers the cgroup.
+    pub holder: u64,
+}
+
+/// Every guard slot of one CPU (18 KiB). Most packets of a policed cgroup
 /// are decided by its default; counting them is then one array element and
 /// an offset away instead of a hash lookup, which cost as much as the rest
 /// of the guard. A cgroup whose slot another holds, and the hits of explicit

@@ -6,7 +6,8 @@
 //! = class id, `skb->mark`), then the rules (one LPM trie lookup on the
 //! remote address, then at most `RULES_PER_PREFIX` compiled rules in
 //! order), then the bandwidth cap (a GCRA token bucket shared by all CPUs).
-//! A cgroup without a policy costs one hash lookup.
+//! A cgroup without a policy of its own has its nearest ancestor's (see
+//! [`policy_for`]); one with neither costs a hash lookup and its slot's.
 //!
 //! A per-CPU cache (see [`crate::cache`]) keeps, per direction and cgroup
 //! slot, the verdict of the rules for the last remote address, protocol and
@@ -17,7 +18,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{SkBuffContext, SockAddrContext},
@@ -118,6 +122,111 @@ unsafe impl Slot for GuardSlot {
     }
 }
 
+/// Levels of the v2 hierarchy whose cgroups [`policy_for`] consults as
+/// ancestors (the root is level 0).
+const MAX_LEVELS: i32 = 32;
+
+/// The policy covering cgroup `id` and the cgroup holding it: `id`'s own
+/// entry, else its nearest ancestor's (`ancestor(level)` gives the id at a
+/// level, 0 past `id`'s own). A policy covers its subtree, so a cgroup made
+/// under a policed one, by a workload or before the daemon has written its
+/// entry, is policed from its first packet. Which ancestor holds it (or
+/// that none does) is remembered per CPU in `id`'s guard slot under the
+/// generation, so a cgroup without an entry costs one slot lookup more
+/// than the hash miss, and the walk happens once per CPU and generation.
+#[inline(always)]
+fn policy_for(
+    id: u64,
+    generation: u64,
+    ancestor: impl Fn(i32) -> u64,
+) -> Option<(u64, &'static NetPolicyRef)> {
+    // SAFETY (lookups): plain data reads; the map does not preallocate, so
+    // an entry replaced meanwhile stays whole until this program is done (RCU).
+    if let Some(policy) = unsafe { NET_POLICY.get(&id) } {
+        return Some((id, policy));
+    }
+    let slot = guard_slot(id);
+    // SAFETY: a slot of this CPU's table.
+    let remembered = slot.and_then(|slot| unsafe { remembered_holder(slot, id, generation) });
+    let holder = match remembered {
+        Some(holder) => holder,
+        None => {
+            let mut nearest = 0;
+            for level in 0..MAX_LEVELS {
+                let above = ancestor(level);
+                if above == 0 || above == id {
+                    break;
+                }
+                if unsafe { NET_POLICY.get(&above) }.is_some() {
+                    nearest = above;
+                }
+            }
+            if let Some(slot) = slot {
+                // SAFETY: as above.
+                unsafe { remember_holder(slot, id, generation, nearest) };
+            }
+            nearest
+        }
+    };
+    if holder == 0 {
+        return None;
+    }
+    unsafe { NET_POLICY.get(&holder) }.map(|policy| (holder, policy))
+}
+
+/// This CPU's guard slot of cgroup `id`: its own, or claimed.
+#[inline(always)]
+fn guard_slot(id: u64) -> Option<*mut GuardSlot> {
+    let table = GUARD_SLOT_TABLE.get_ptr_mut(0)?;
+    let index = (id & (GUARD_SLOTS as u64 - 1)) as usize;
+    // SAFETY: this CPU's table, and index < GUARD_SLOTS.
+    unsafe {
+        slots::find(
+            (&raw mut (*table).slots).cast::<GuardSlot>(),
+            index,
+            id,
+            &GUARD_EVICT,
+        )
+    }
+}
+
+/// The holder `slot` remembers for cgroup `id` under `generation` (0: none).
+///
+/// # Safety
+/// `slot` is a slot of this CPU's table.
+#[inline(always)]
+unsafe fn remembered_holder(slot: *mut GuardSlot, id: u64, generation: u64) -> Option<u64> {
+    // SAFETY (whole block): the caller's contract; read field by field
+    // (volatile) between two reads of the sequence count.
+    unsafe {
+        let memory = &raw mut (*slot).holder;
+        let seq = cache::read_begin(&raw const (*memory).seq)?;
+        let hit = read_volatile(&raw const (*memory).cgroup_id) == id
+            && read_volatile(&raw const (*memory).generation) == generation;
+        let holder = read_volatile(&raw const (*memory).holder);
+        (hit && cache::unchanged(&raw const (*memory).seq, seq)).then_some(holder)
+    }
+}
+
+/// Remembers `holder` for cgroup `id` under `generation` in `slot`, unless
+/// another write is under way.
+///
+/// # Safety
+/// As for [`remembered_holder`].
+#[inline(always)]
+unsafe fn remember_holder(slot: *mut GuardSlot, id: u64, generation: u64, holder: u64) {
+    // SAFETY (whole block): the caller's contract; written field by field.
+    unsafe {
+        let memory = &raw mut (*slot).holder;
+        if let Some(seq) = cache::write_begin(&raw mut (*memory).seq) {
+            write_volatile(&raw mut (*memory).cgroup_id, id);
+            write_volatile(&raw mut (*memory).generation, generation);
+            write_volatile(&raw mut (*memory).holder, holder);
+            cache::write_end(&raw mut (*memory).seq, seq);
+        }
+    }
+}
+
 #[cgroup_skb(egress)]
 pub fn net_guard_egress(ctx: SkBuffContext) -> i32 {
     guard(&ctx, DIR_EGRESS)
@@ -146,8 +255,12 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
     // The task's cgroup: connect() runs in the caller's context.
     // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: as in guard.
-    let Some(policy) = (unsafe { NET_POLICY.get(&id) }) else {
+    // Read before the policy: see crate::cache.
+    let generation = NET_GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY (ancestors): a helper without pointer arguments.
+    let Some((holder, policy)) = policy_for(id, generation, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) else {
         return PASS;
     };
     if policy.flags & FLAG_EGRESS_RULES == 0 {
@@ -204,7 +317,7 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
     if allow {
         return PASS;
     }
-    if owner::mine(owner::counter(policy.owner, id)) {
+    if owner::mine(owner::counter(policy.owner, holder)) {
         count_drop(id, |d| unsafe { &raw mut (*d).refused_connects }, None);
         report(id, DIR_EGRESS, rule, &packet, REASON_CONNECT, true);
     }
@@ -227,16 +340,17 @@ fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
     let id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     // Read before the policy: see crate::cache.
     let generation = NET_GENERATION.get(0).copied().unwrap_or(0);
-    // SAFETY: plain data read; the map does not preallocate, so an entry
-    // replaced meanwhile stays whole until this program is done (RCU).
-    let Some(policy) = (unsafe { NET_POLICY.get(&id) }) else {
+    // SAFETY (ancestors): the context pointer is the program's own __sk_buff.
+    let Some((holder, policy)) = policy_for(id, generation, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level)
+    }) else {
         return PASS;
     };
     let len = u64::from(ctx.len());
     let egress = direction == DIR_EGRESS;
     // Both the daemon's and a workload's programs may run for this packet:
     // both enforce the rules, one counts, reports and charges the cap.
-    let mine = owner::mine(owner::counter(policy.owner, id));
+    let mine = owner::mine(owner::counter(policy.owner, holder));
     if egress {
         // SAFETY: priority and mark are writable for cgroup_skb.
         unsafe {

@@ -150,6 +150,14 @@ fn a_denied_connect_gets_eperm_and_a_denied_datagram_is_dropped_and_counted() {
         started.elapsed() < Duration::from_secs(1),
         "the connect failed at once, not after SYN retries"
     );
+    // A cgroup made under the policed one has its policy from its first
+    // packet, before the daemon has seen it (and is counted on its own).
+    let inner = box_.child("inner");
+    assert_eq!(
+        netpeer_in(&inner, &pair.a, &["try", &tcp, &udp_denied, &udp_other]),
+        ["EPERM", "EPERM", "ok"]
+    );
+    drop(inner);
     assert_eq!(
         netpeer_in(&free, &pair.a, &["try", &tcp, &udp_denied]),
         ["ok", "ok"],
@@ -652,4 +660,41 @@ fn net_events_now(daemon: &Daemon, path: &str) -> usize {
         .iter()
         .filter(|e| e["cgroup"] == path && e["kind"] == "net_denied")
         .count()
+}
+
+#[test]
+fn a_cgroup_made_inside_a_workload_keeps_its_network_rules() {
+    let runs = Runs::new();
+    let mut run = runs.spawn(
+        &["--name", "netnest", "--net-deny", "127.0.0.1:9001/udp"],
+        &["sleep", "30"],
+    );
+    runs.wait_running("netnest");
+    // A cgroup the workload's own entry does not name: the programs find
+    // its nearest policed ancestor, from the first packet on.
+    let inner = Cgroup::create(
+        agent_tests::v2_mount()
+            .join(&runs.parent)
+            .join("netnest")
+            .join("inner"),
+    );
+    let out = inner
+        .command(netpeer_bin(), None)
+        .args(["try", "udp:127.0.0.1:9001", "udp:127.0.0.1:9002"])
+        .output()
+        .expect("run netpeer");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["EPERM", "ok"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(inner);
+    assert!(runs
+        .agent(&["stop", "netnest", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
 }
