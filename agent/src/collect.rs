@@ -15,7 +15,7 @@ use aya::{
 use common::{
     devices::DevCounters,
     maps,
-    netpolicy::{HitKey, Hits, NetDrops, DIR_EGRESS, DIR_INGRESS, RULE_DEFAULT},
+    netpolicy::{HitKey, Hits, NetDrops, RateKey, DIR_EGRESS, DIR_INGRESS, RULE_DEFAULT},
     NetCounters, SchedCounters, SLOT_RECLAIMING,
 };
 
@@ -235,6 +235,8 @@ pub struct Collector {
     tree: CgroupTree,
     /// The tree-change counter when `tree` was walked.
     tree_generation: Option<u64>,
+    /// The tree generation `NET_RATE` was last swept at.
+    rates_swept: Option<u64>,
     max_cgroups: u32,
     /// Removed cgroups already posted in NET_EVICT and SCHED_EVICT, by slot index.
     net_evictions: HashMap<u32, u64>,
@@ -262,6 +264,7 @@ impl Collector {
             role,
             tree: CgroupTree::default(),
             tree_generation: None,
+            rates_swept: None,
             max_cgroups,
             net_evictions: HashMap::new(),
             sched_evictions: HashMap::new(),
@@ -513,6 +516,13 @@ impl Collector {
                 let _ = self.maps.net_hits.remove(key);
             }
         }
+        if self.role == Role::Owner
+            && self.rates_swept != Some(generation)
+            && self.generation()? == generation
+        {
+            self.sweep_rates()?;
+            self.rates_swept = Some(generation);
+        }
         self.warn_uncounted(&uncounted, at);
 
         let mut cgroups: Vec<CgroupSample> = Vec::with_capacity(self.tree.len());
@@ -638,6 +648,37 @@ impl Collector {
                         .set(index, id, 0)
                         .map_err(|source| Error::Map { name, source })?;
                     posted.insert(index, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the rate buckets of cgroups that are gone (once per change of
+    /// the tree): without this, `NET_RATE` would fill up over a long run,
+    /// and caps of new cgroups would stop applying.
+    fn sweep_rates(&mut self) -> Result<(), Error> {
+        let dead: Vec<RateKey> = self
+            .maps
+            .net_rate
+            .keys()
+            .filter(|key| !matches!(key, Err(MapError::KeyNotFound)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                name: maps::NET_RATE,
+                source,
+            })?
+            .into_iter()
+            .filter(|key| !self.tree.contains(key.cgroup_id))
+            .collect();
+        for key in &dead {
+            match self.maps.net_rate.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: maps::NET_RATE,
+                        source,
+                    })
                 }
             }
         }

@@ -475,6 +475,17 @@ impl<D: Domain> Enforcer<D> {
         })
     }
 
+    /// Cgroups whose reference `agent run` wrote (its workloads' own policies).
+    pub fn run_owned(&self) -> HashSet<u64> {
+        self.maps
+            .refs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, reference)| D::ref_owner(reference) == OWNER_RUN)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Makes `wanted` (cgroup id → policy) what is in force: new rule
     /// versions first, then one switch per cgroup, then releases. On an
     /// error the cgroups already switched go back, and nothing else changed.

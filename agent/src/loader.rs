@@ -24,7 +24,10 @@ use aya::{
 use common::{
     devices::{DevCounters, DevKey, DevPolicyRef, DevSlotTable},
     maps,
-    netpolicy::{GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet},
+    netpolicy::{
+        GuardSlotTable, HitKey, Hits, NetDrops, NetPolicyRef, NetRuleKey, NetRuleSet, RateKey,
+        RateState,
+    },
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
     AGENT_INFO_PATH_MAX, EVENT_RATE, GUARD_OWNER, GUARD_OWNER_DAEMON, LAYOUT_VERSION, NET_SLOTS,
     NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET, TASK_RUN_DELAY_OFFSET,
@@ -237,6 +240,8 @@ pub struct Maps {
     pub net_hits: PerCpuHashMap<MapData, HitKey, Hits>,
     pub net_guard_slots: PerCpuArray<MapData, GuardSlotTable>,
     pub net_guard_evict: Array<MapData, u64>,
+    /// The bandwidth caps' buckets, dropped with their cgroups.
+    pub net_rate: HashMap<MapData, RateKey, RateState>,
 }
 
 impl Maps {
@@ -258,6 +263,7 @@ impl Maps {
             net_hits: take_map(ebpf, maps::NET_HITS)?,
             net_guard_slots: take_map(ebpf, maps::NET_GUARD_SLOTS)?,
             net_guard_evict: take_map(ebpf, maps::NET_GUARD_EVICT)?,
+            net_rate: take_map(ebpf, maps::NET_RATE)?,
         })
     }
 
@@ -279,6 +285,7 @@ impl Maps {
             net_hits: open_pinned(pin_dir, maps::NET_HITS)?,
             net_guard_slots: open_pinned(pin_dir, maps::NET_GUARD_SLOTS)?,
             net_guard_evict: open_pinned(pin_dir, maps::NET_GUARD_EVICT)?,
+            net_rate: open_pinned(pin_dir, maps::NET_RATE)?,
         })
     }
 }

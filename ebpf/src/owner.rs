@@ -11,7 +11,7 @@ use common::{devices::OWNER_DAEMON, GUARD_OWNER_DAEMON};
 /// Who this program counts for (set by the loader): [`GUARD_OWNER_DAEMON`]
 /// in the daemon, the workload's cgroup id in `agent run`.
 #[unsafe(no_mangle)]
-static GUARD_OWNER: Global<u64> = Global::new(0);
+static GUARD_OWNER: Global<u64> = Global::new(GUARD_OWNER_DAEMON);
 
 /// Who counts under a policy entry owned by `owner` (`OWNER_DAEMON` or
 /// `OWNER_RUN`) and held by cgroup `holder`.

@@ -225,6 +225,23 @@ pub fn attachments(cgroup: &Path) -> usize {
         .map_or(0, Vec::len)
 }
 
+/// How many programs are attached at `cgroup` itself at `hook` (bpftool's
+/// attach type, such as `cgroup_device`; older bpftools drop `cgroup_`).
+pub fn attached_at(cgroup: &Path, hook: &str) -> usize {
+    let out = run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.display().to_string()],
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let short = hook.strip_prefix("cgroup_").unwrap_or(hook);
+    listed.as_array().map_or(0, |programs| {
+        programs
+            .iter()
+            .filter(|p| p["attach_type"] == hook || p["attach_type"] == short)
+            .count()
+    })
+}
+
 /// Runs a command to completion, panicking with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
     let output = Command::new(program)

@@ -82,7 +82,8 @@ fn the_kernel_returns_eperm_for_what_the_policy_denies() {
     );
     assert_eq!(verdicts, ["ok", "ok", "EPERM", "EPERM", "EPERM"]);
     // A cgroup made under the policed one has its policy from its first
-    // access, before the daemon has seen it.
+    // access (the program's fallback to the nearest policed ancestor, until
+    // the daemon has written its own entry).
     let inner = box_.child("inner");
     let verdicts = devpeer_in(
         &inner,
@@ -478,6 +479,18 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
         &["sh", "-c", &script],
     );
     agent_tests::wait_for_line(&mut run, "50");
+    // Both programs are attached on the workload's path: the daemon's at
+    // the root, the workload's at its cgroup.
+    assert_eq!(
+        agent_tests::attached_at(&v2_parent, "cgroup_device"),
+        1,
+        "the daemon's dev_guard"
+    );
+    assert_eq!(
+        agent_tests::attached_at(&v2_parent.join("counted"), "cgroup_device"),
+        1,
+        "the workload's dev_guard"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = daemon.stats();
@@ -517,6 +530,69 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
     }
     assert!(runs
         .agent(&["stop", "counted", "--timeout", "100ms"])
+        .status
+        .success());
+    let _ = run.wait();
+    drop(daemon);
+}
+
+#[test]
+fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
+    let runs = Runs::new();
+    let v2_parent = v2_mount().join(&runs.parent);
+    fs::create_dir_all(&v2_parent).unwrap();
+    // The file gives the workload (by name) a lenient policy; its own flags
+    // are strict, and win for it and for every cgroup made under it.
+    let file = PolicyFile::new(
+        r#"{"version": 1, "policies": [{"name": "lenient", "workloads": ["strict"],
+            "devices": {"default": "allow", "rules": [{"deny": "b *:* w"}]}}]}"#,
+    );
+    let daemon = Daemon::start(
+        &v2_parent,
+        &[
+            "--policy",
+            file.0.to_str().unwrap(),
+            "--interval",
+            "200ms",
+            "--state-dir",
+            &runs.state.display().to_string(),
+        ],
+    );
+    let mut run = runs.spawn(
+        &[
+            "--name",
+            "strict",
+            "--net",
+            "none",
+            "--pin-dir",
+            daemon.pin_dir.to_str().unwrap(),
+            "--device",
+            "c 1:3 rw",
+        ],
+        &["sleep", "30"],
+    );
+    runs.wait_running("strict");
+    let inner = Cgroup::create(v2_parent.join("strict").join("inner"));
+    // The daemon looks for new cgroups every 20 ms: it has seen this one.
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon.stats()["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["path"] == "/strict/inner"),
+        "the daemon knows the new cgroup"
+    );
+    assert_eq!(
+        version_in_force(&daemon.pin_dir, inner.id()),
+        None,
+        "the daemon left the workload's subtree to the workload's policy"
+    );
+    let verdicts = devpeer_in(&inner, &["try", "rw:/dev/null", "r:/dev/zero"]);
+    assert_eq!(verdicts, ["ok", "EPERM"]);
+    drop(inner);
+    assert!(runs
+        .agent(&["stop", "strict", "--timeout", "100ms"])
         .status
         .success());
     let _ = run.wait();

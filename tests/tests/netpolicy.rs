@@ -151,7 +151,8 @@ fn a_denied_connect_gets_eperm_and_a_denied_datagram_is_dropped_and_counted() {
         "the connect failed at once, not after SYN retries"
     );
     // A cgroup made under the policed one has its policy from its first
-    // packet, before the daemon has seen it (and is counted on its own).
+    // packet (the programs' fallback to the nearest policed ancestor, until
+    // the daemon has written its own entry).
     let inner = box_.child("inner");
     assert_eq!(
         netpeer_in(&inner, &pair.a, &["try", &tcp, &udp_denied, &udp_other]),
@@ -618,6 +619,16 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
     for verdict in ["EPERM", "EPERM", "EPERM", "ok"] {
         assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some(verdict));
     }
+    // Both guards are on the datagrams' path: the daemon's at the root
+    // (beside its accounting program), the workload's at its cgroup.
+    assert_eq!(
+        agent_tests::attached_at(&v2_parent, "cgroup_inet_egress"),
+        2
+    );
+    assert_eq!(
+        agent_tests::attached_at(&v2_parent.join("netcounted"), "cgroup_inet_egress"),
+        1
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = daemon.stats();
@@ -697,4 +708,49 @@ fn a_cgroup_made_inside_a_workload_keeps_its_network_rules() {
         .status
         .success());
     let _ = run.wait();
+}
+
+/// Whether `NET_RATE` holds a bucket of cgroup `id` (either direction).
+fn has_rate_bucket(pin_dir: &Path, id: u64) -> bool {
+    let data = aya::maps::MapData::from_pin(pin_dir.join("maps/NET_RATE")).expect("NET_RATE pin");
+    let map: aya::maps::HashMap<_, common::netpolicy::RateKey, common::netpolicy::RateState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("NET_RATE");
+    map.keys().flatten().any(|key| key.cgroup_id == id)
+}
+
+#[test]
+fn a_removed_cgroups_rate_bucket_goes_with_it() {
+    require_root();
+    let root = Cgroup::new_root("agent-test-netratebucket");
+    let file = PolicyFile::new(&net_policy("/capped", r#"{"egress": {"rate": "1gbit"}}"#));
+    let daemon = enforcing(&root, &file);
+    let capped = root.child("capped");
+    let id = capped.id();
+    let netns = Netns::new("agent-test-rb");
+    // Wait for the daemon's entry, then send through the cap.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version_in_force(&daemon.pin_dir, id).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never policed /capped"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        netpeer_in(&capped, &netns, &["try", "udp:127.0.0.1:9"]),
+        ["ok"]
+    );
+    assert!(
+        has_rate_bucket(&daemon.pin_dir, id),
+        "the datagram made a bucket"
+    );
+    drop(capped);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has_rate_bucket(&daemon.pin_dir, id) {
+        assert!(
+            Instant::now() < deadline,
+            "the removed cgroup's bucket stayed in NET_RATE"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -183,13 +183,51 @@ impl Enforcers {
             .collect();
         let resolved = file.resolve(&cgroups);
         let alive: HashSet<u64> = sample.cgroups.iter().map(|c| c.id).collect();
-        apply(&mut self.devices, "device", file, &resolved, &alive, |p| {
+        let resolved_for = |run_owned: HashSet<u64>| -> HashMap<u64, usize> {
+            let skip = under_workloads(&run_owned, &cgroups);
+            resolved
+                .iter()
+                .filter(|(id, _)| !skip.contains(id))
+                .map(|(id, index)| (*id, *index))
+                .collect()
+        };
+        let devices = resolved_for(self.devices.run_owned());
+        apply(&mut self.devices, "device", file, &devices, &alive, |p| {
             p.devices.as_ref()
         });
-        apply(&mut self.network, "network", file, &resolved, &alive, |p| {
+        let network = resolved_for(self.network.run_owned());
+        apply(&mut self.network, "network", file, &network, &alive, |p| {
             p.network.as_ref()
         });
     }
+}
+
+/// The cgroups at and under those of `run_owned` (workloads `agent run`
+/// polices itself): a workload's own policy covers its whole subtree, so the
+/// file's policies leave it alone (the programs find the workload's entry
+/// as the nearest one).
+fn under_workloads(
+    run_owned: &HashSet<u64>,
+    cgroups: &[(u64, &str, Option<&str>)],
+) -> HashSet<u64> {
+    let roots: Vec<&str> = cgroups
+        .iter()
+        .filter(|(id, _, _)| run_owned.contains(id))
+        .map(|(_, path, _)| *path)
+        .collect();
+    cgroups
+        .iter()
+        .filter(|(_, path, _)| {
+            roots.iter().any(|root| {
+                *root == "/"
+                    || path == root
+                    || path
+                        .strip_prefix(root)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+        })
+        .map(|(id, _, _)| *id)
+        .collect()
 }
 
 /// Puts one kind of the file's policies in force.
@@ -372,4 +410,31 @@ async fn serve(
         log::info!("stopped; programs detached and pins removed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workloads_subtree_is_its_cgroup_and_those_under_it_only() {
+        let cgroups = [
+            (1, "/", None),
+            (2, "/a", Some("build")),
+            (3, "/a/b", None),
+            (4, "/a/b/c", None),
+            (5, "/ab", None),
+            (6, "/x", None),
+        ];
+        let run_owned = HashSet::from([2]);
+        assert_eq!(
+            under_workloads(&run_owned, &cgroups),
+            HashSet::from([2, 3, 4])
+        );
+        assert_eq!(
+            under_workloads(&HashSet::from([1]), &cgroups).len(),
+            cgroups.len()
+        );
+        assert!(under_workloads(&HashSet::new(), &cgroups).is_empty());
+    }
 }
