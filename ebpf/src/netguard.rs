@@ -133,7 +133,8 @@ const MAX_LEVELS: i32 = 32;
 /// entry, is policed from its first packet. Which ancestor holds it (or
 /// that none does) is remembered per CPU in `id`'s guard slot under the
 /// generation, so a cgroup without an entry costs one slot lookup more
-/// than the hash miss, and the walk happens once per CPU and generation.
+/// than the hash miss, and the walk happens once per CPU and generation
+/// (each time for a cgroup whose slot another live cgroup holds).
 #[inline(always)]
 fn policy_for(
     id: u64,
