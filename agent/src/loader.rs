@@ -858,8 +858,12 @@ pub fn guard_workload(
             source,
         })?;
     loader.override_global(GUARD_OWNER, &cgroup_id, true);
-    let shared: Vec<(&str, PathBuf)> = pin_dir
-        .filter(|dir| pins_exist(dir))
+    let shared_dir = pin_dir.filter(|dir| pins_exist(dir));
+    if let Some(dir) = shared_dir {
+        // A daemon of another layout: refuse, rather than misread its maps.
+        read_pinned_info(dir)?;
+    }
+    let shared: Vec<(&str, PathBuf)> = shared_dir
         .map(|dir| {
             POLICY_MAPS
                 .map(|name| (name, bpffs::maps_dir(dir).join(name)))

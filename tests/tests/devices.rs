@@ -598,3 +598,64 @@ fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
     let _ = run.wait();
     drop(daemon);
 }
+
+/// A pin directory the test made; removed on drop, even on panic.
+struct FakePins(PathBuf);
+
+impl Drop for FakePins {
+    fn drop(&mut self) {
+        agent_tests::remove_pins(&self.0);
+    }
+}
+
+#[test]
+fn agent_run_refuses_the_maps_of_a_daemon_of_another_layout() {
+    let runs = Runs::new();
+    // What a daemon of the previous layout leaves: its AGENT_INFO says 7.
+    let pins = FakePins(Path::new("/sys/fs/bpf").join(unique("agent-test-oldpins")));
+    agent::bpffs::prepare_pin_dir(&pins.0).expect("bpffs");
+    let maps = agent::bpffs::maps_dir(&pins.0);
+    fs::create_dir_all(&maps).unwrap();
+    let info = maps.join("AGENT_INFO");
+    let size = std::mem::size_of::<common::AgentInfo>();
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&info)
+        .args(["type", "array", "key", "4", "value", &size.to_string()])
+        .args(["entries", "1", "name", "AGENT_INFO"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "bpftool map create");
+    let mut value = vec!["0".to_owned(); size];
+    value[0] = "7".to_owned();
+    let written = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&info)
+        .args(["key", "0", "0", "0", "0", "value"])
+        .args(&value)
+        .status()
+        .unwrap();
+    assert!(written.success(), "bpftool map update");
+    let out = runs.output(
+        &[
+            "--name",
+            "stale",
+            "--pin-dir",
+            pins.0.to_str().unwrap(),
+            "--device",
+            "c 1:3 rw",
+        ],
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "agent: the pins at {dir} were made by an incompatible agent (layout 7, this agent \
+             reads layout {}); stop that daemon, or remove the stale pins with `rm -r {dir}`",
+            common::LAYOUT_VERSION,
+            dir = pins.0.display()
+        )
+    );
+    runs.assert_gone("stale");
+}
