@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -478,7 +479,11 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
         ],
         &["sh", "-c", &script],
     );
-    agent_tests::wait_for_line(&mut run, "50");
+    // Every access is done once devpeer has said so: 50 denials, 2 opens.
+    let mut lines = BufReader::new(run.stdout.take().expect("piped stdout")).lines();
+    for said in ["50", "ok", "ok"] {
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some(said));
+    }
     // Both programs are attached on the workload's path: the daemon's at
     // the root, the workload's at its cgroup.
     assert_eq!(
