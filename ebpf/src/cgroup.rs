@@ -3,6 +3,9 @@
 //! tick. mkdir/rmdir/rename are rare, so these programs cost nothing that matters.
 //!
 //! Raw tracepoints (not tracefs tracepoints) so nothing needs tracefs mounted.
+//!
+//! Also here: [`nearest`], the walk up a cgroup's ancestors that the policy
+//! programs share.
 
 use aya_ebpf::{
     macros::{map, raw_tracepoint},
@@ -37,4 +40,31 @@ pub fn cgroup_rmdir(_ctx: RawTracePointContext) -> i32 {
 pub fn cgroup_rename(_ctx: RawTracePointContext) -> i32 {
     bump();
     0
+}
+
+/// Levels of the v2 hierarchy [`nearest`] consults (the root is level 0).
+pub const MAX_LEVELS: i32 = 32;
+
+/// The nearest ancestor of cgroup `id` for which `found` gives something,
+/// with what it gave: `ancestor(level)` gives the id of `id`'s ancestor at
+/// `level` (0 past `id`'s own level; a helper such as
+/// `bpf_get_current_ancestor_cgroup_id`). Levels from [`MAX_LEVELS`] on are
+/// not consulted.
+#[inline(always)]
+pub fn nearest<T>(
+    id: u64,
+    ancestor: impl Fn(i32) -> u64,
+    found: impl Fn(u64) -> Option<T>,
+) -> Option<(u64, T)> {
+    let mut nearest = None;
+    for level in 0..MAX_LEVELS {
+        let above = ancestor(level);
+        if above == 0 || above == id {
+            break;
+        }
+        if let Some(value) = found(above) {
+            nearest = Some((above, value));
+        }
+    }
+    nearest
 }

@@ -37,7 +37,7 @@ use common::{
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
-    cache, events, owner,
+    cache, cgroup, events, owner,
     slots::{self, atomic_add, Slot},
 };
 
@@ -69,6 +69,12 @@ static DEV_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
 
+// SAFETY: DevSlotTable is #[repr(C)] with its DEV_SLOTS slots first.
+unsafe impl slots::Table for DevSlotTable {
+    type Slot = DevSlot;
+    const LEN: usize = DEV_SLOTS;
+}
+
 // SAFETY: DevSlot is #[repr(C)] with its owner first.
 unsafe impl Slot for DevSlot {
     unsafe fn clear(this: *mut Self) {
@@ -99,22 +105,6 @@ fn allowed(version: u32, dev_type: u32, major: u32, minor: u32) -> u32 {
     }
     // A compiled policy always has `*:*`; a policy being removed allows nothing.
     0
-}
-
-/// This CPU's slot of `cgroup_id`: its own, or claimed (see [`slots::find`]).
-#[inline(always)]
-fn slot(cgroup_id: u64) -> Option<*mut DevSlot> {
-    let table = DEV_SLOTS_MAP.get_ptr_mut(0)?;
-    let index = (cgroup_id & (DEV_SLOTS as u64 - 1)) as usize;
-    // SAFETY: this CPU's table, and index < DEV_SLOTS.
-    unsafe {
-        slots::find(
-            (&raw mut (*table).slots).cast::<DevSlot>(),
-            index,
-            cgroup_id,
-            &DEV_EVICT,
-        )
-    }
 }
 
 /// The counters of `cgroup_id` when no slot of this CPU is free for it.
@@ -195,35 +185,25 @@ unsafe fn remember(
     }
 }
 
-/// Levels of the v2 hierarchy whose cgroups [`policy_of`] consults as
-/// ancestors (the root is level 0).
-const MAX_LEVELS: i32 = 32;
-
 /// The policy in force for the current task's cgroup (`cgroup_id`): its
 /// own, else its nearest ancestor's; with who counts under it (see
 /// [`owner::counter`]). A policy covers its
 /// subtree, so a cgroup created under a policed one (by a workload, or
 /// before the daemon has written its entry) is policed from its first
-/// access. Ancestors deeper than [`MAX_LEVELS`] are not consulted.
+/// access (see [`cgroup::nearest`] for how deep it looks).
 #[inline(always)]
 fn policy_of(cgroup_id: u64) -> Option<(u32, u64)> {
-    // SAFETY: plain data read.
-    if let Some(policy) = unsafe { DEV_POLICY.get(&cgroup_id) } {
-        return Some((policy.version, owner::counter(policy.owner, cgroup_id)));
-    }
-    let mut nearest = None;
-    for level in 0..MAX_LEVELS {
-        // SAFETY: a helper without pointer arguments; 0 past the task's own level.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 || id == cgroup_id {
-            break;
-        }
-        // SAFETY: plain data read.
-        if let Some(policy) = unsafe { DEV_POLICY.get(&id) } {
-            nearest = Some((policy.version, owner::counter(policy.owner, id)));
-        }
-    }
-    nearest
+    // SAFETY (lookups): plain data reads.
+    let (holder, policy) = match unsafe { DEV_POLICY.get(&cgroup_id) } {
+        Some(policy) => (cgroup_id, *policy),
+        None => cgroup::nearest(
+            cgroup_id,
+            // SAFETY: a helper without pointer arguments.
+            |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+            |id| unsafe { DEV_POLICY.get(&id) }.copied(),
+        )?,
+    };
+    Some((policy.version, owner::counter(policy.owner, holder)))
 }
 
 /// The whole decision, from the maps: the cgroup's policy and rules, its
@@ -238,7 +218,7 @@ fn decide(cgroup_id: u64, generation: u64, access_type: u32, major: u32, minor: 
         Some((version, counter)) => (allowed(version, dev_type, major, minor), counter),
         None => (DEV_NO_POLICY, 0),
     };
-    let slot = slot(cgroup_id);
+    let slot = slots::of(&DEV_SLOTS_MAP, u64::MAX, cgroup_id, &DEV_EVICT);
     if let Some(slot) = slot {
         // SAFETY: a slot of this CPU's table.
         unsafe {

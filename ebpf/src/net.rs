@@ -122,18 +122,13 @@ enum Direction {
 /// This CPU's slot for cgroup `id`, or `None` when another live cgroup holds it.
 #[inline(always)]
 fn slot(id: u64) -> Option<*mut NetSlot> {
-    let table = SLOTS.get_ptr_mut(0)?;
-    // The constant mask bounds the index for the verifier whatever the global says.
-    let index = (id & NET_SLOT_MASK.load() & (NET_SLOTS as u64 - 1)) as usize;
-    // SAFETY: this CPU's table, and index < NET_SLOTS.
-    unsafe {
-        slots::find(
-            (&raw mut (*table).slots).cast::<NetSlot>(),
-            index,
-            id,
-            &EVICT,
-        )
-    }
+    slots::of(&SLOTS, NET_SLOT_MASK.load(), id, &EVICT)
+}
+
+// SAFETY: NetSlotTable is #[repr(C)] with its NET_SLOTS slots first.
+unsafe impl slots::Table for NetSlotTable {
+    type Slot = NetSlot;
+    const LEN: usize = NET_SLOTS;
 }
 
 // SAFETY: NetSlot is #[repr(C)] with its owner first.

@@ -41,7 +41,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use crate::{
     cache::{self, Entry},
-    events, owner,
+    cgroup, events, owner,
     slots::{self, atomic_add, cmpxchg, Slot},
 };
 
@@ -114,6 +114,12 @@ static GUARD_SLOT_TABLE: PerCpuArray<GuardSlotTable> = PerCpuArray::with_max_ent
 #[map(name = "NET_GUARD_EVICT")]
 static GUARD_EVICT: Array<u64> = Array::with_max_entries(GUARD_SLOTS as u32, 0);
 
+// SAFETY: GuardSlotTable is #[repr(C)] with its GUARD_SLOTS slots first.
+unsafe impl slots::Table for GuardSlotTable {
+    type Slot = GuardSlot;
+    const LEN: usize = GUARD_SLOTS;
+}
+
 // SAFETY: GuardSlot is #[repr(C)] with its owner first.
 unsafe impl Slot for GuardSlot {
     unsafe fn clear(this: *mut Self) {
@@ -121,10 +127,6 @@ unsafe impl Slot for GuardSlot {
         unsafe { write_volatile(&raw mut (*this).defaults, [Hits::ZERO; 2]) }
     }
 }
-
-/// Levels of the v2 hierarchy whose cgroups [`policy_for`] consults as
-/// ancestors (the root is level 0).
-const MAX_LEVELS: i32 = 32;
 
 /// The policy covering cgroup `id` and the cgroup holding it: `id`'s own
 /// entry, else its nearest ancestor's (`ancestor(level)` gives the id at a
@@ -146,22 +148,16 @@ fn policy_for(
     if let Some(policy) = unsafe { NET_POLICY.get(&id) } {
         return Some((id, policy));
     }
-    let slot = guard_slot(id);
+    let slot = slots::of(&GUARD_SLOT_TABLE, u64::MAX, id, &GUARD_EVICT);
     // SAFETY: a slot of this CPU's table.
     let remembered = slot.and_then(|slot| unsafe { remembered_holder(slot, id, generation) });
     let holder = match remembered {
         Some(holder) => holder,
         None => {
-            let mut nearest = 0;
-            for level in 0..MAX_LEVELS {
-                let above = ancestor(level);
-                if above == 0 || above == id {
-                    break;
-                }
-                if unsafe { NET_POLICY.get(&above) }.is_some() {
-                    nearest = above;
-                }
-            }
+            let nearest = cgroup::nearest(id, ancestor, |above| {
+                unsafe { NET_POLICY.get(&above) }.map(|_| ())
+            })
+            .map_or(0, |(above, ())| above);
             if let Some(slot) = slot {
                 // SAFETY: as above.
                 unsafe { remember_holder(slot, id, generation, nearest) };
@@ -173,22 +169,6 @@ fn policy_for(
         return None;
     }
     unsafe { NET_POLICY.get(&holder) }.map(|policy| (holder, policy))
-}
-
-/// This CPU's guard slot of cgroup `id`: its own, or claimed.
-#[inline(always)]
-fn guard_slot(id: u64) -> Option<*mut GuardSlot> {
-    let table = GUARD_SLOT_TABLE.get_ptr_mut(0)?;
-    let index = (id & (GUARD_SLOTS as u64 - 1)) as usize;
-    // SAFETY: this CPU's table, and index < GUARD_SLOTS.
-    unsafe {
-        slots::find(
-            (&raw mut (*table).slots).cast::<GuardSlot>(),
-            index,
-            id,
-            &GUARD_EVICT,
-        )
-    }
 }
 
 /// The holder `slot` remembers for cgroup `id` under `generation` (0: none).
@@ -685,28 +665,17 @@ fn limit(id: u64, direction: u8, rate: &RateSpec, len: u64) -> Verdict {
 #[inline(always)]
 fn count_hit(id: u64, direction: u8, rule: u16, len: u64) {
     if rule == RULE_DEFAULT {
-        if let Some(table) = GUARD_SLOT_TABLE.get_ptr_mut(0) {
-            let index = (id & (GUARD_SLOTS as u64 - 1)) as usize;
-            // SAFETY: this CPU's table, and index < GUARD_SLOTS.
-            if let Some(slot) = unsafe {
-                slots::find(
-                    (&raw mut (*table).slots).cast::<GuardSlot>(),
-                    index,
-                    id,
-                    &GUARD_EVICT,
-                )
-            } {
-                // SAFETY: a slot of this CPU's table; direction is 0 or 1.
-                // Atomic, as egress can nest in egress.
-                unsafe {
-                    let hits = (&raw mut (*slot).defaults)
-                        .cast::<Hits>()
-                        .add(usize::from(direction & 1));
-                    atomic_add(&raw mut (*hits).packets, 1);
-                    atomic_add(&raw mut (*hits).bytes, len);
-                }
-                return;
+        if let Some(slot) = slots::of(&GUARD_SLOT_TABLE, u64::MAX, id, &GUARD_EVICT) {
+            // SAFETY: a slot of this CPU's table; direction is 0 or 1.
+            // Atomic, as egress can nest in egress.
+            unsafe {
+                let hits = (&raw mut (*slot).defaults)
+                    .cast::<Hits>()
+                    .add(usize::from(direction & 1));
+                atomic_add(&raw mut (*hits).packets, 1);
+                atomic_add(&raw mut (*hits).bytes, len);
             }
+            return;
         }
     }
     let key = HitKey {

@@ -134,6 +134,12 @@ impl<T> TaskStorage<T> {
 #[btf_map]
 static SCHED_TASKS: TaskStorage<TaskState> = TaskStorage::new();
 
+// SAFETY: SchedSlotTable is #[repr(C)] with its SCHED_SLOTS slots first.
+unsafe impl slots::Table for SchedSlotTable {
+    type Slot = SchedSlot;
+    const LEN: usize = SCHED_SLOTS;
+}
+
 // SAFETY: SchedSlot is #[repr(C)] with its owner first.
 unsafe impl Slot for SchedSlot {
     unsafe fn clear(this: *mut Self) {
@@ -155,17 +161,7 @@ fn in_scope() -> bool {
 /// the uncounted bin.
 #[inline(always)]
 fn counters(id: u64) -> Option<*mut SchedCounters> {
-    let table = SLOTS.get_ptr_mut(0)?;
-    let index = (id & (SCHED_SLOTS as u64 - 1)) as usize;
-    // SAFETY: this CPU's table, and index < SCHED_SLOTS.
-    if let Some(slot) = unsafe {
-        slots::find(
-            (&raw mut (*table).slots).cast::<SchedSlot>(),
-            index,
-            id,
-            &EVICT,
-        )
-    } {
+    if let Some(slot) = slots::of(&SLOTS, u64::MAX, id, &EVICT) {
         // SAFETY: a slot of this CPU's table.
         return Some(unsafe { &raw mut (*slot).counters });
     }

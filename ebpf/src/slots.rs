@@ -10,7 +10,7 @@
 //! it posts the id of a removed cgroup in an evict array at the slot's index,
 //! and the next cgroup that needs that slot takes it over.
 
-use aya_ebpf::maps::Array;
+use aya_ebpf::maps::{Array, PerCpuArray};
 use common::SLOT_RECLAIMING;
 use core::ptr::{read_volatile, write_volatile};
 
@@ -33,6 +33,33 @@ pub unsafe trait Slot {
     unsafe fn busy(_this: *const Self) -> bool {
         false
     }
+}
+
+/// A per-CPU slot table: `#[repr(C)]`, its first field `[Self::Slot; LEN]`.
+///
+/// # Safety
+/// Implementors must have that layout, with `LEN` a power of two.
+pub unsafe trait Table {
+    type Slot: Slot;
+    const LEN: usize;
+}
+
+/// This CPU's slot of cgroup `id` in `tables` (a per-CPU array of one
+/// table), at `id & mask` within the table: see [`find`].
+#[inline(always)]
+pub fn of<T: Table>(
+    tables: &PerCpuArray<T>,
+    mask: u64,
+    id: u64,
+    evict: &Array<u64>,
+) -> Option<*mut T::Slot> {
+    let table = tables.get_ptr_mut(0)?;
+    // The constant bound keeps the index inside the table for the verifier,
+    // whatever `mask` is.
+    let index = (id & mask & (T::LEN as u64 - 1)) as usize;
+    // SAFETY: this CPU's table, whose slots come first (the trait's
+    // contract), and index < LEN.
+    unsafe { find(table.cast::<T::Slot>(), index, id, evict) }
 }
 
 /// Slot `index` of `table` for cgroup `id`: its own, or claimed when free or

@@ -576,6 +576,35 @@ impl Runs {
         cmd
     }
 
+    /// The v2 directory of the cgroup parent (made when absent; removed with
+    /// the rest of the parent when this is dropped).
+    pub fn v2_parent(&self) -> PathBuf {
+        let path = v2_mount().join(&self.parent);
+        fs::create_dir_all(&path).expect("the test's v2 cgroup parent");
+        path
+    }
+
+    /// A daemon watching [`Runs::v2_parent`], sharing this state directory
+    /// (so that it knows the workloads' names), with `extra` flags.
+    pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        let state = self.state.display().to_string();
+        let mut args = vec!["--state-dir", state.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&self.v2_parent(), &args)
+    }
+
+    /// Stops workload `name` (`agent stop`, which must succeed) and reaps
+    /// `run`, the `agent run` that started it.
+    pub fn stop(&self, name: &str, run: &mut Child) {
+        let out = self.agent(&["stop", name, "--timeout", "100ms"]);
+        assert!(
+            out.status.success(),
+            "agent stop {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = run.wait();
+    }
+
     pub fn output(&self, flags: &[&str], command: &[&str]) -> Output {
         self.command(flags, command)
             .output()

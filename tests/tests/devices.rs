@@ -433,33 +433,22 @@ fn a_cgroup_made_inside_a_workload_keeps_its_device_rules() {
     assert_eq!(verdicts, ["ok", "EPERM"]);
     drop(deeper);
     drop(inner);
-    assert!(runs
-        .agent(&["stop", "nest", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("nest", &mut run);
 }
 
 #[test]
 fn a_workload_under_an_enforcing_daemon_is_counted_once() {
     let runs = Runs::new();
-    let v2_parent = v2_mount().join(&runs.parent);
-    fs::create_dir_all(&v2_parent).unwrap();
+    let v2_parent = runs.v2_parent();
     let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
-    let state = runs.state.display().to_string();
-    let daemon = Daemon::start(
-        &v2_parent,
-        &[
-            "--policy",
-            file.0.to_str().unwrap(),
-            "--interval",
-            "200ms",
-            "--event-rate",
-            "1000",
-            "--state-dir",
-            &state,
-        ],
-    );
+    let daemon = runs.daemon(&[
+        "--policy",
+        file.0.to_str().unwrap(),
+        "--interval",
+        "200ms",
+        "--event-rate",
+        "1000",
+    ]);
     // The daemon's program at the root and the workload's own both run for
     // each of the workload's accesses; one of them counts it.
     let script = format!(
@@ -533,36 +522,24 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    assert!(runs
-        .agent(&["stop", "counted", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("counted", &mut run);
     drop(daemon);
 }
 
 #[test]
 fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
     let runs = Runs::new();
-    let v2_parent = v2_mount().join(&runs.parent);
-    fs::create_dir_all(&v2_parent).unwrap();
+    let v2_parent = runs.v2_parent();
     // The file gives the workload (by name) a lenient policy; its own flags
     // are strict, and win for it and for every cgroup made under it.
+    // It also selects /probe, which shows when the daemon has acted on the
+    // cgroups made before it.
     let file = PolicyFile::new(
         r#"{"version": 1, "policies": [{"name": "lenient", "workloads": ["strict"],
+            "cgroups": ["/probe"],
             "devices": {"default": "allow", "rules": [{"deny": "b *:* w"}]}}]}"#,
     );
-    let daemon = Daemon::start(
-        &v2_parent,
-        &[
-            "--policy",
-            file.0.to_str().unwrap(),
-            "--interval",
-            "200ms",
-            "--state-dir",
-            &runs.state.display().to_string(),
-        ],
-    );
+    let daemon = runs.daemon(&["--policy", file.0.to_str().unwrap(), "--interval", "200ms"]);
     let mut run = runs.spawn(
         &[
             "--name",
@@ -578,16 +555,12 @@ fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
     );
     runs.wait_running("strict");
     let inner = Cgroup::create(v2_parent.join("strict").join("inner"));
-    // The daemon looks for new cgroups every 20 ms: it has seen this one.
-    thread::sleep(Duration::from_millis(500));
-    assert!(
-        daemon.stats()["cgroups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["path"] == "/strict/inner"),
-        "the daemon knows the new cgroup"
-    );
+    let probe = Cgroup::create(v2_parent.join("probe"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version_in_force(&daemon.pin_dir, probe.id()).is_none() {
+        assert!(Instant::now() < deadline, "the daemon never policed /probe");
+        thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         version_in_force(&daemon.pin_dir, inner.id()),
         None,
@@ -596,11 +569,8 @@ fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
     let verdicts = devpeer_in(&inner, &["try", "rw:/dev/null", "r:/dev/zero"]);
     assert_eq!(verdicts, ["ok", "EPERM"]);
     drop(inner);
-    assert!(runs
-        .agent(&["stop", "strict", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    drop(probe);
+    runs.stop("strict", &mut run);
     drop(daemon);
 }
 

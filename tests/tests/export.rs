@@ -652,20 +652,13 @@ fn include_exclude_and_depth_choose_the_exported_cgroups() {
 fn an_agent_run_workload_is_exported_with_its_name() {
     require_root();
     let runs = agent_tests::Runs::new();
-    let v2_parent = agent_tests::v2_mount().join(&runs.parent);
-    std::fs::create_dir_all(&v2_parent).expect("the test's v2 parent");
     let port = free_port();
-    let daemon = Daemon::start(
-        &v2_parent,
-        &[
-            "--state-dir",
-            &runs.state.display().to_string(),
-            "--prometheus-listen",
-            &format!("127.0.0.1:{port}"),
-            "--interval",
-            "100ms",
-        ],
-    );
+    let daemon = runs.daemon(&[
+        "--prometheus-listen",
+        &format!("127.0.0.1:{port}"),
+        "--interval",
+        "100ms",
+    ]);
     let mut run = runs.spawn(&["--name", "exported", "--net", "none"], &["sleep", "30"]);
     runs.wait_running("exported");
     let series =
@@ -683,10 +676,6 @@ fn an_agent_run_workload_is_exported_with_its_name() {
         "container_memory_usage_bytes{agent_cgroup_path=\"/exported\",agent_workload_name=\"exported\"}",
     );
     assert!(memory > 0, "{text}");
-    assert!(runs
-        .agent(&["stop", "exported", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("exported", &mut run);
     drop(daemon);
 }

@@ -578,25 +578,19 @@ fn agent_run_network_flags_police_the_workload_in_command_line_order() {
 #[test]
 fn a_workload_under_an_enforcing_daemon_is_counted_once() {
     let runs = Runs::new();
-    let v2_parent = agent_tests::v2_mount().join(&runs.parent);
-    std::fs::create_dir_all(&v2_parent).unwrap();
+    let v2_parent = runs.v2_parent();
     let file = PolicyFile::new(&net_policy(
         "/other",
         r#"{"egress": {"default": "allow", "rules": [{"deny": "10.0.0.0/8"}]}}"#,
     ));
-    let daemon = Daemon::start(
-        &v2_parent,
-        &[
-            "--policy",
-            &file.arg(),
-            "--interval",
-            "200ms",
-            "--event-rate",
-            "1000",
-            "--state-dir",
-            &runs.state.display().to_string(),
-        ],
-    );
+    let daemon = runs.daemon(&[
+        "--policy",
+        &file.arg(),
+        "--interval",
+        "200ms",
+        "--event-rate",
+        "1000",
+    ]);
     // The daemon's programs at the root and the workload's own both run for
     // each of its datagrams; one of them counts each.
     let script = format!(
@@ -656,11 +650,7 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    assert!(runs
-        .agent(&["stop", "netcounted", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("netcounted", &mut run);
     drop(daemon);
 }
 
@@ -703,11 +693,7 @@ fn a_cgroup_made_inside_a_workload_keeps_its_network_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(inner);
-    assert!(runs
-        .agent(&["stop", "netnest", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("netnest", &mut run);
 }
 
 /// Whether `NET_RATE` holds a bucket of cgroup `id` (either direction).

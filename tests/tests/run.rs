@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{agent_bin, Daemon, Runs};
+use agent_tests::{agent_bin, Runs};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -212,11 +212,7 @@ fn root_inside_a_user_namespace_is_uid_100000_outside() {
         .unwrap()
         .to_owned();
     assert_eq!(uid, "100000");
-    assert!(runs
-        .agent(&["stop", "u", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("u", &mut run);
     runs.assert_gone("u");
 }
 
@@ -305,11 +301,7 @@ fn pause_stops_a_counter_and_resume_lets_it_go_on() {
     assert!(runs.agent(&["resume", "count"]).status.success());
     thread::sleep(Duration::from_millis(500));
     assert!(read() > paused + 5, "it counts again after resume");
-    assert!(runs
-        .agent(&["stop", "count", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("count", &mut run);
     let _ = fs::remove_file(&counter);
     runs.assert_gone("count");
 }
@@ -319,12 +311,7 @@ fn a_workload_appears_in_stats_under_its_path_with_its_name() {
     let runs = Runs::new();
     // The daemon watches the test's own cgroup parent in the v2 hierarchy
     // (removed with the rest by Runs).
-    let v2_parent = agent_tests::v2_mount().join(&runs.parent);
-    fs::create_dir_all(&v2_parent).unwrap();
-    let daemon = Daemon::start(
-        &v2_parent,
-        &["--state-dir", &runs.state.display().to_string()],
-    );
+    let daemon = runs.daemon(&[]);
     let mut run = runs.spawn(&["--name", "web", "--net", "none"], &["sleep", "30"]);
     runs.wait_running("web");
     let stats = Command::new(agent_bin())
@@ -342,11 +329,7 @@ fn a_workload_appears_in_stats_under_its_path_with_its_name() {
         .find(|c| c["path"] == "/web")
         .expect("the workload's cgroup");
     assert_eq!(web["name"], "web");
-    assert!(runs
-        .agent(&["stop", "web", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("web", &mut run);
     drop(daemon);
 }
 
@@ -423,11 +406,7 @@ fn bad_input_is_one_sentence_and_leaves_nothing_behind() {
         stderr(&out).trim(),
         r#"agent: a workload named "taken" is already running: pick another --name, or see `agent ps`"#
     );
-    assert!(runs
-        .agent(&["stop", "taken", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("taken", &mut run);
 
     // Not root: setpriv drops to nobody.
     let out = Command::new("setpriv")

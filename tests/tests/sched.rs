@@ -7,16 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{v2_mount, Cgroup, Daemon, Runs};
+use agent_tests::{Cgroup, Daemon, Runs};
 
 /// A daemon watching the v2 directory of `runs`' cgroup parent.
 fn daemon_for(runs: &Runs) -> Daemon {
-    let v2_parent = v2_mount().join(&runs.parent);
-    fs::create_dir_all(&v2_parent).unwrap();
-    Daemon::start(
-        &v2_parent,
-        &["--state-dir", &runs.state.display().to_string()],
-    )
+    runs.daemon(&[])
 }
 
 /// The cgroup object of workload `name` in `agent stats --json`.
@@ -283,11 +278,7 @@ fn fifty_children_are_fifty_started_and_fifty_exited() {
         processes,
         "and nothing more"
     );
-    assert!(runs
-        .agent(&["stop", "forks", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("forks", &mut run);
 }
 
 #[test]
@@ -342,9 +333,5 @@ fn memory_pids_and_io_are_the_cgroup_files_own_values() {
         stats["io"],
         serde_json::json!({"read_bytes": read, "write_bytes": write})
     );
-    assert!(runs
-        .agent(&["stop", "idle", "--timeout", "100ms"])
-        .status
-        .success());
-    let _ = run.wait();
+    runs.stop("idle", &mut run);
 }
