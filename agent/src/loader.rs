@@ -29,8 +29,9 @@ use common::{
         RateState,
     },
     programs, AgentInfo, NetCounters, NetSlotTable, SchedCounters, SchedSlotTable,
-    AGENT_INFO_PATH_MAX, EVENT_RATE, GUARD_OWNER, GUARD_OWNER_DAEMON, LAYOUT_VERSION, NET_SLOTS,
-    NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET, TASK_RUN_DELAY_OFFSET,
+    AGENT_INFO_PATH_MAX, DEV_UNIT, EVENT_RATE, GUARD_OWNER, GUARD_OWNER_DAEMON, LAYOUT_VERSION,
+    NET_SLOTS, NET_SLOT_MASK, SCHED_ROOT_ID, SCHED_ROOT_LEVEL, TASK_EXEC_OFFSET,
+    TASK_RUN_DELAY_OFFSET,
 };
 
 use crate::{bpffs, sys};
@@ -839,6 +840,18 @@ const POLICY_MAPS: [&str; 16] = [
     maps::NET_GUARD_EVICT,
 ];
 
+/// Which cgroup the device program of [`guard_workload_with`] counts an
+/// access under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceUnit {
+    /// The workload's cgroup, for every task under it: what `agent run`
+    /// loads. The program does not ask the kernel for the task's cgroup.
+    Workload,
+    /// Each task's own cgroup, asked of the kernel, as the daemon's program
+    /// does (`cargo xtask bench dev` compares the two).
+    EachCgroup,
+}
+
 /// Attaches the policy programs `guards` asks for to `cgroup` (a v2
 /// directory this process created) for `agent run`. With a daemon's pins at
 /// `pin_dir`, the programs use the daemon's maps; otherwise maps of their own.
@@ -846,6 +859,16 @@ pub fn guard_workload(
     cgroup: &Path,
     pin_dir: Option<&Path>,
     guards: Guards,
+) -> Result<(WorkloadGuard, DeviceMaps, NetworkMaps), Error> {
+    guard_workload_with(cgroup, pin_dir, guards, DeviceUnit::Workload)
+}
+
+/// [`guard_workload`], with the device program counting under `unit`.
+pub fn guard_workload_with(
+    cgroup: &Path,
+    pin_dir: Option<&Path>,
+    guards: Guards,
+    unit: DeviceUnit,
 ) -> Result<(WorkloadGuard, DeviceMaps, NetworkMaps), Error> {
     let mut loader = EbpfLoader::new();
     loader.allow_unsupported_maps();
@@ -858,6 +881,9 @@ pub fn guard_workload(
             source,
         })?;
     loader.override_global(GUARD_OWNER, &cgroup_id, true);
+    if unit == DeviceUnit::Workload {
+        loader.override_global(DEV_UNIT, &cgroup_id, true);
+    }
     let shared_dir = pin_dir.filter(|dir| pins_exist(dir));
     if let Some(dir) = shared_dir {
         // A daemon of another layout: refuse, rather than misread its maps.

@@ -195,6 +195,12 @@ pub const GUARD_OWNER: &str = "GUARD_OWNER";
 /// [`GUARD_OWNER`] of the daemon's programs.
 pub const GUARD_OWNER_DAEMON: u64 = u64::MAX;
 
+/// Name of the global (in `.rodata`) naming the cgroup the device program
+/// polices and counts as one unit: `agent run`'s workload cgroup, for every
+/// task under it, so that the program need not ask the kernel for the
+/// task's cgroup. 0 (the daemon's): each task's own cgroup.
+pub const DEV_UNIT: &str = "DEV_UNIT";
+
 /// Name of the global with the event rate limit, in events per second per
 /// CPU (also the burst).
 pub const EVENT_RATE: &str = "EVENT_RATE";

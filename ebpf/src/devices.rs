@@ -6,7 +6,9 @@
 //!
 //! A cgroup without a policy of its own has its nearest ancestor's (a
 //! policy covers its subtree); one with neither is allowed everything (and
-//! not counted). The
+//! not counted). `agent run`'s program polices its workload's subtree as one
+//! unit ([`DEV_UNIT`]): every task under the workload's cgroup is counted
+//! there, so the program does not ask the kernel for the task's cgroup. The
 //! rule table is compiled by userspace (see agent/src/policy/devices.rs) so
 //! that the answer is one exact lookup, falling back to `major:*`, `*:minor`
 //! and `*:*` for numbers no rule names.
@@ -26,6 +28,7 @@ use aya_ebpf::{
     macros::{cgroup_device, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::DeviceContext,
+    Global,
 };
 use common::{
     devices::{
@@ -64,6 +67,14 @@ static DEV_EVICT: Array<u64> = Array::with_max_entries(DEV_SLOTS as u32, 0);
 /// of `DEV_POLICY`: answers cached under another generation are stale.
 #[map(name = "DEV_GENERATION")]
 static DEV_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The cgroup this program polices and counts as one unit, set by the
+/// loader: `agent run`'s workload cgroup (the program is attached there, so
+/// every task it runs for is under it). 0 (the daemon's): each task's own
+/// cgroup, from `bpf_get_current_cgroup_id`. A constant of the loaded
+/// program: the verifier drops the branch not taken.
+#[unsafe(no_mangle)]
+static DEV_UNIT: Global<u64> = Global::new(0);
 
 #[map(name = "DEV_COUNTS")]
 static DEV_COUNTS: PerCpuHashMap<u64, DevCounters> =
@@ -185,9 +196,10 @@ unsafe fn remember(
     }
 }
 
-/// The policy in force for the current task's cgroup (`cgroup_id`): its
-/// own, else its nearest ancestor's; with who counts under it (see
-/// [`owner::counter`]). A policy covers its
+/// The policy in force for cgroup `cgroup_id` (the current task's, or the
+/// unit it is under): its own, else its nearest ancestor's; with who counts
+/// under it (see [`owner::counter`]). The walk goes down the task's
+/// ancestors and stops at `cgroup_id`, which is one of them. A policy covers its
 /// subtree, so a cgroup created under a policed one (by a workload, or
 /// before the daemon has written its entry) is policed from its first
 /// access (see [`cgroup::nearest`] for how deep it looks).
@@ -251,7 +263,9 @@ fn decide(cgroup_id: u64, generation: u64, access_type: u32, major: u32, minor: 
     count(counters, |c| unsafe { &raw mut (*c).denied });
     let event = Event {
         kind: EVENT_DEVICE_DENIED,
-        cgroup_id,
+        // The task's own cgroup, also under a unit.
+        // SAFETY: a helper without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         dev_type,
         major,
         minor,
@@ -266,8 +280,13 @@ fn decide(cgroup_id: u64, generation: u64, access_type: u32, major: u32, minor: 
 
 #[cgroup_device]
 pub fn dev_guard(ctx: DeviceContext) -> i32 {
-    // SAFETY: a helper without pointer arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let unit = DEV_UNIT.load();
+    let cgroup_id = if unit != 0 {
+        unit
+    } else {
+        // SAFETY: a helper without pointer arguments.
+        unsafe { bpf_get_current_cgroup_id() }
+    };
     // SAFETY: the context is the kernel's bpf_cgroup_dev_ctx.
     let (access_type, major, minor) = unsafe {
         (

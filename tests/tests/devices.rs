@@ -527,6 +527,90 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
 }
 
 #[test]
+fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgroup() {
+    let runs = Runs::new();
+    let v2_parent = runs.v2_parent();
+    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
+    let daemon = runs.daemon(&[
+        "--policy",
+        file.0.to_str().unwrap(),
+        "--interval",
+        "200ms",
+        "--event-rate",
+        "1000",
+    ]);
+    let mut run = runs.spawn(
+        &[
+            "--name",
+            "unit",
+            "--net",
+            "none",
+            "--pin-dir",
+            daemon.pin_dir.to_str().unwrap(),
+            "--device",
+            "c 1:3 rw",
+        ],
+        &["sleep", "30"],
+    );
+    runs.wait_running("unit");
+    // `agent run`'s program polices the workload's subtree as one unit: a
+    // cgroup made inside it is counted under the workload, and each denial's
+    // event names the cgroup the task is in.
+    let inner = Cgroup::create(v2_parent.join("unit").join("inner"));
+    assert_eq!(devpeer_in(&inner, &["deny", "20", "/dev/zero"]), ["20"]);
+    assert_eq!(
+        devpeer_in(
+            &inner,
+            &["try", "rw:/dev/null", "rw:/dev/null", "rw:/dev/null"]
+        ),
+        ["ok", "ok", "ok"]
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = daemon.stats();
+        let devices_of = |path: &str| {
+            stats["cgroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["path"] == path)
+                .map(|c| c["devices"].clone())
+        };
+        let unit = devices_of("/unit");
+        let events: Vec<_> = daemon
+            .audit()
+            .iter()
+            .filter(|e| e["kind"] == "device_denied")
+            .map(|e| e["cgroup"].clone())
+            .collect();
+        if let Some(devices) = unit
+            .as_ref()
+            .filter(|d| d["denied"] != 0 && events.len() >= 20)
+        {
+            assert_eq!(devices["denied"], 20, "{devices}");
+            assert_eq!(devices["allowed"], 3, "{devices}");
+            let inner_devices = devices_of("/unit/inner");
+            assert!(
+                inner_devices
+                    .as_ref()
+                    .is_none_or(|d| d.is_null() || (d["denied"] == 0 && d["allowed"] == 0)),
+                "the inner cgroup has counts of its own: {inner_devices:?}"
+            );
+            assert_eq!(events, vec![serde_json::json!("/unit/inner"); 20]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workload's counts never showed: {unit:?}, events {events:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(inner);
+    runs.stop("unit", &mut run);
+    drop(daemon);
+}
+
+#[test]
 fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
     let runs = Runs::new();
     let v2_parent = runs.v2_parent();

@@ -5,10 +5,13 @@
 //! the task's cgroup id, and with the agent's device
 //! program enforcing a 10-rule and a 100-rule policy (the rule for /dev/null
 //! last), interleaved run by run. The policy is installed the way `agent run
-//! --device` does it: the program on the cgroup, the rules in its maps.
+//! --device` does it: the program on the cgroup, the rules in its maps; the
+//! program is loaded both as `agent run` loads it (the workload's cgroup as
+//! its unit) and as the daemon's runs (asking for each task's cgroup).
 
 use std::{fmt::Write as _, fs};
 
+use agent::loader::DeviceUnit;
 use agent::{
     loader,
     policy::{devices::parse_rule, Action, DevicePolicy},
@@ -28,16 +31,19 @@ enum Mode {
     Empty,
     /// A program that only asks for the task's cgroup id.
     CgroupId,
-    Rules(usize),
+    /// The agent's program with a policy of this many rules.
+    Rules(usize, DeviceUnit),
 }
 
 impl Mode {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 7] = [
         Self::None,
         Self::Empty,
         Self::CgroupId,
-        Self::Rules(10),
-        Self::Rules(100),
+        Self::Rules(10, DeviceUnit::Workload),
+        Self::Rules(100, DeviceUnit::Workload),
+        Self::Rules(10, DeviceUnit::EachCgroup),
+        Self::Rules(100, DeviceUnit::EachCgroup),
     ];
 
     fn label(self) -> String {
@@ -45,7 +51,10 @@ impl Mode {
             Self::None => "no program".into(),
             Self::Empty => "empty program".into(),
             Self::CgroupId => "cgroup id only".into(),
-            Self::Rules(n) => format!("{n}-rule policy"),
+            Self::Rules(n, DeviceUnit::Workload) => format!("{n}-rule policy (agent run)"),
+            Self::Rules(n, DeviceUnit::EachCgroup) => {
+                format!("{n}-rule policy (daemon: each task's cgroup)")
+            }
         }
     }
 }
@@ -112,13 +121,14 @@ fn attach(mode: Mode, cgroup: &Cgroup) -> Result<Attached, String> {
                 .map_err(|e| e.to_string())?;
             Ok(Attached::Baseline { _ebpf: ebpf })
         }
-        Mode::Rules(n) => {
+        Mode::Rules(n, unit) => {
             let guards = loader::Guards {
                 devices: true,
                 network: false,
             };
             let (guard, mut maps, _) =
-                loader::guard_workload(&cgroup.path, None, guards).map_err(|e| e.to_string())?;
+                loader::guard_workload_with(&cgroup.path, None, guards, unit)
+                    .map_err(|e| e.to_string())?;
             agent::enforce::set_for_run(
                 &mut maps,
                 cgroup.id(),
@@ -283,7 +293,10 @@ pub fn run(options: &Options) -> Result<(), String> {
          empty program's row is what the kernel's call of any cgroup_device program costs here; \
          \"cgroup id only\" is a program that only asks for the task's cgroup id \
          (bpf_get_current_cgroup_id), the least a program applying per-cgroup policies does; \
-         \"over empty\" is a program's own work. This VM's host runs it at changing speeds (the \
+         \"over empty\" is a program's own work. The agent's program is loaded as `agent run` \
+         loads it (the workload's cgroup is its unit, a constant: it does not ask for the \
+         task's cgroup) and as the daemon's runs (it asks for each task's cgroup, to find that \
+         cgroup's policy). This VM's host runs it at changing speeds (the \
          no-program time moves by a factor of two over minutes; the line under the table gives \
          this run's), and the added figures move with it and from one load of the programs to \
          the next: compare runs. \"program ns per run\": the kernel's \
