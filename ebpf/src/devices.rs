@@ -1,5 +1,6 @@
 //! Device policy: a cgroup_device program that looks up the policy of the
-//! current task's cgroup and its rules in maps. It is attached once (at the
+//! current task's cgroup (or of the workload it is under, in `agent run`'s
+//! copy) and its rules in maps. It is attached once (at the
 //! watched root by the daemon, or at a workload's cgroup by `agent run`), and
 //! however often policies change, only the maps change: never a stack of
 //! programs.

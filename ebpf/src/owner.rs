@@ -3,7 +3,10 @@
 //! run for one access, sharing their maps. Both enforce (every attached
 //! program must allow); exactly one counts the access, reports its denial
 //! and charges its rate cap: the daemon's for policies the daemon wrote, the
-//! workload's for its own cgroup's policy.
+//! workload's for its own cgroup's policy. (An `agent run` workload inside
+//! another is the exception for devices: the outer workload's device
+//! program applies its own policy to the whole subtree, as one unit, so
+//! each workload's program counts the access under its own workload.)
 
 use aya_ebpf::Global;
 use common::{devices::OWNER_DAEMON, GUARD_OWNER_DAEMON};

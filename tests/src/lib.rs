@@ -676,32 +676,41 @@ impl Default for Runs {
     }
 }
 
+/// Kills every process in the cgroup `dir` and its descendants (this test's
+/// workloads, by pid), and removes the descendants' directories, deepest
+/// first.
+fn empty_cgroup_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+    {
+        empty_cgroup_tree(&entry.path());
+        for pid in fs::read_to_string(entry.path().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Runs {
     fn drop(&mut self) {
         for mount in cgroup_mounts() {
             let dir = mount.join(&self.parent);
-            if let Ok(entries) = fs::read_dir(&dir) {
-                for entry in entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                {
-                    for pid in fs::read_to_string(entry.path().join("cgroup.procs"))
-                        .unwrap_or_default()
-                        .lines()
-                    {
-                        if let Ok(pid) = pid.parse::<i32>() {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                    }
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
-                        thread::sleep(Duration::from_millis(20));
-                    }
-                }
-            }
+            empty_cgroup_tree(&dir);
             let _ = fs::remove_dir(&dir);
         }
         let _ = fs::remove_dir_all(&self.state);

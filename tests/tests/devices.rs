@@ -596,6 +596,14 @@ fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgr
                     .is_none_or(|d| d.is_null() || (d["denied"] == 0 && d["allowed"] == 0)),
                 "the inner cgroup has counts of its own: {inner_devices:?}"
             );
+            // Any second event of a denial would be in the log by now.
+            thread::sleep(Duration::from_millis(500));
+            let events: Vec<_> = daemon
+                .audit()
+                .iter()
+                .filter(|e| e["kind"] == "device_denied")
+                .map(|e| e["cgroup"].clone())
+                .collect();
             assert_eq!(events, vec![serde_json::json!("/unit/inner"); 20]);
             break;
         }
@@ -607,6 +615,136 @@ fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgr
     }
     drop(inner);
     runs.stop("unit", &mut run);
+    drop(daemon);
+}
+
+#[test]
+fn a_workload_inside_another_meets_both_device_policies_and_each_counts_it() {
+    let runs = Runs::new();
+    runs.v2_parent();
+    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
+    let daemon = runs.daemon(&[
+        "--policy",
+        file.0.to_str().unwrap(),
+        "--interval",
+        "200ms",
+        "--event-rate",
+        "1000",
+    ]);
+    let pins = daemon.pin_dir.to_str().unwrap();
+    let mut outer = runs.spawn(
+        &[
+            "--name",
+            "outer",
+            "--net",
+            "none",
+            "--pin-dir",
+            pins,
+            "--device",
+            "c 1:3 rw",
+            "--device",
+            "c 1:5 r",
+        ],
+        &["sleep", "30"],
+    );
+    runs.wait_running("outer");
+    // The inner workload's cgroup is made inside the outer's. /dev/zero is
+    // allowed by the outer policy only, /dev/urandom by the inner only.
+    let script = format!(
+        "{peer} try rw:/dev/null r:/dev/zero r:/dev/urandom && exec sleep 30",
+        peer = devpeer().display()
+    );
+    let mut inner = Command::new(agent_bin())
+        .args(["run", "--cgroup-parent", &format!("{}/outer", runs.parent)])
+        .arg("--state-dir")
+        .arg(&runs.state)
+        .args([
+            "--name",
+            "inner",
+            "--net",
+            "none",
+            "--pin-dir",
+            pins,
+            "--device",
+            "c 1:3 rw",
+            "--device",
+            "c 1:9 r",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the inner agent run");
+    let mut lines = BufReader::new(inner.stdout.take().expect("piped stdout")).lines();
+    for said in ["ok", "EPERM", "EPERM"] {
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some(said));
+    }
+    // Each workload's program counts every access under its own workload
+    // and reports what its own policy denies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = daemon.stats();
+        let devices_of = |path: &str| {
+            stats["cgroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["path"] == path)
+                .map(|c| c["devices"].clone())
+        };
+        let (outer_devices, inner_devices) = (devices_of("/outer"), devices_of("/outer/inner"));
+        let events = || -> Vec<_> {
+            daemon
+                .audit()
+                .iter()
+                .filter(|e| e["kind"] == "device_denied")
+                .map(|e| {
+                    (
+                        e["cgroup"].clone(),
+                        e["device"]["major"].clone(),
+                        e["device"]["minor"].clone(),
+                    )
+                })
+                .collect()
+        };
+        let shown = |d: &Option<serde_json::Value>| d.as_ref().is_some_and(|d| d["denied"] != 0);
+        if shown(&outer_devices) && shown(&inner_devices) && events().len() >= 2 {
+            let (outer_devices, inner_devices) = (outer_devices.unwrap(), inner_devices.unwrap());
+            assert_eq!(
+                (&outer_devices["allowed"], &outer_devices["denied"]),
+                (&2.into(), &1.into()),
+                "{outer_devices}"
+            );
+            assert_eq!(
+                (&inner_devices["allowed"], &inner_devices["denied"]),
+                (&2.into(), &1.into()),
+                "{inner_devices}"
+            );
+            thread::sleep(Duration::from_millis(500));
+            let mut events = events();
+            events.sort_by_key(|e| e.2.as_u64());
+            let inner_path = serde_json::json!("/outer/inner");
+            assert_eq!(
+                events,
+                [
+                    (inner_path.clone(), 1.into(), 5.into()),
+                    (inner_path, 1.into(), 9.into())
+                ]
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counts never showed: {outer_devices:?}, {inner_devices:?}, {:?}",
+            events()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    runs.stop("inner", &mut inner);
+    runs.stop("outer", &mut outer);
     drop(daemon);
 }
 

@@ -142,7 +142,8 @@ impl Figures {
 
     /// Adds a child subtree's figures into this (its parent's) subtree.
     /// CPU, traffic, drops and denials are counted per cgroup, so they add
-    /// up; run-queue histograms merge bucket by bucket (so the p99 is the
+    /// up (but for device denials under an `agent run` workload nested in
+    /// another, which both workloads count: see ARCHITECTURE.md); run-queue histograms merge bucket by bucket (so the p99 is the
     /// subtree's, not a sum of percentiles). Memory and pids stay the
     /// parent's own, `own`: the kernel's figures already include every
     /// descendant. Where the parent has none (the root of a cgroup2-only
