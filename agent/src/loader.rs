@@ -387,7 +387,7 @@ impl DaemonInfo {
     /// Whether the daemon that wrote this is still running.
     #[must_use]
     pub fn is_alive(&self) -> bool {
-        self.pid != 0 && Path::new(&format!("/proc/{}", self.pid)).exists()
+        sys::pid_running(self.pid)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The two bpf(2) commands aya 0.14 does not expose: opening a pinned object
-//! as a plain fd, and replacing a link's program in place.
+//! as a plain fd, and replacing a link's program in place; and whether a
+//! process still runs.
 
 use std::{
     ffi::CString,
@@ -125,4 +126,44 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         ..Default::default()
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie (one
+/// that has exited and waits for its parent to reap it has done all it
+/// will do). 0 is no process.
+pub fn pid_running(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pid_running;
+
+    #[test]
+    fn a_zombie_does_not_run() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        // Unreaped, it becomes a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pid_running(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} still runs");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().expect("reap");
+        assert!(pid_running(std::process::id()));
+        assert!(!pid_running(0));
+    }
 }

@@ -24,6 +24,55 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
+/// A loopback TCP port held for a receiver that is not up yet: bound but
+/// not listening, so that connects to it are refused and no other socket
+/// (another test's, or an outgoing connection's) can take it meanwhile.
+/// With SO_REUSEADDR, so that another process can still bind it and listen
+/// (as a daemon's `--prometheus-listen` does, with std's listener).
+pub struct ReservedPort {
+    socket: std::os::fd::OwnedFd,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn new() -> Self {
+        use nix::sys::socket::{
+            bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+        };
+        use std::os::fd::AsRawFd as _;
+        let socket = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a TCP socket");
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReuseAddr, &true)
+            .expect("SO_REUSEADDR");
+        bind(socket.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).expect("bind a loopback port");
+        let port = getsockname::<SockaddrIn>(socket.as_raw_fd())
+            .expect("the bound port")
+            .port();
+        Self { socket, port }
+    }
+
+    /// Starts listening on the port.
+    fn listen(self) -> TcpListener {
+        nix::sys::socket::listen(
+            &self.socket,
+            nix::sys::socket::Backlog::new(128).expect("backlog"),
+        )
+        .expect("listen on the reserved port");
+        TcpListener::from(self.socket)
+    }
+}
+
+impl Default for ReservedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What the receiver got: each request and its size on the wire (protobuf bytes).
 type Log = Arc<Mutex<Vec<(ExportMetricsServiceRequest, usize)>>>;
 
@@ -70,13 +119,16 @@ pub struct Receiver {
 impl Receiver {
     /// A gRPC receiver.
     pub fn grpc() -> Self {
-        Self::grpc_on(0)
+        Self::grpc_from(TcpListener::bind(("127.0.0.1", 0)).expect("bind the gRPC receiver"))
     }
 
-    /// A gRPC receiver on this loopback port (0: any free one).
-    pub fn grpc_on(port: u16) -> Self {
+    /// A gRPC receiver on the port `reserved` held.
+    pub fn grpc_on(reserved: ReservedPort) -> Self {
+        Self::grpc_from(reserved.listen())
+    }
+
+    fn grpc_from(listener: TcpListener) -> Self {
         let log: Log = Arc::default();
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the gRPC receiver");
         let addr = listener.local_addr().expect("receiver address");
         listener.set_nonblocking(true).expect("nonblocking");
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();

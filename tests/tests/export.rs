@@ -58,13 +58,6 @@ fn udp(pair: &VethPair, a: &Cgroup, b: &Cgroup) {
     wait_success(&mut receiver, "udp receiver", Duration::from_secs(20));
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 fn resource(request: &ExportMetricsServiceRequest, key: &str) -> Option<String> {
     request.resource_metrics[0]
         .resource
@@ -340,7 +333,8 @@ impl Prometheus {
             ),
         )
         .expect("write prometheus.yml");
-        let port = free_port();
+        let reserved_port = otlp::ReservedPort::new();
+        let port = reserved_port.port;
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
         let child = Command::new("/usr/bin/prometheus")
             .arg(format!("--config.file={}", config.display()))
@@ -389,7 +383,8 @@ fn prometheus_scrapes_the_endpoint_and_returns_the_exact_series() {
     let root = Cgroup::new_root("agent-test-prom");
     let (a, b) = (root.child("a"), root.child("b"));
     let pair = VethPair::new();
-    let port = free_port();
+    let reserved_port = otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let listen = format!("127.0.0.1:{port}");
     let _daemon = Daemon::start(
         &root.path,
@@ -445,13 +440,15 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
     let (a, b) = (root.child("a"), root.child("b"));
     let pair = VethPair::new();
     // Nothing listens there: every connect is refused.
-    let dead = free_port();
-    let port = free_port();
+    let dead = otlp::ReservedPort::new();
+    let dead_port = dead.port;
+    let reserved_port = otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let mut daemon = Daemon::start(
         &root.path,
         &[
             "--otlp-endpoint",
-            &format!("http://127.0.0.1:{dead}"),
+            &format!("http://127.0.0.1:{dead_port}"),
             "--otlp-protocol",
             "grpc",
             "--export-interval",
@@ -518,7 +515,9 @@ fn an_unreachable_collector_blocks_nothing_and_is_warned_about_once() {
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "one warning per outage:\n{log}");
     assert!(
-        warnings[0].contains(&format!("OTLP export to http://127.0.0.1:{dead} failed")),
+        warnings[0].contains(&format!(
+            "OTLP export to http://127.0.0.1:{dead_port} failed"
+        )),
         "{log}"
     );
     assert_eq!(log.matches("works again").count(), 1, "{log}");
@@ -548,7 +547,8 @@ fn a_collector_that_never_answers_delays_neither_stats_nor_enforcement() {
         r#"{"version": 1, "policies": [{"name": "t", "cgroups": ["/c"],
             "devices": {"default": "allow", "rules": [{"deny": "c 1:5 r"}]}}]}"#,
     );
-    let port = free_port();
+    let reserved_port = otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let mut daemon = Daemon::start(
         &root.path,
         &[
@@ -620,7 +620,8 @@ fn include_exclude_and_depth_choose_the_exported_cgroups() {
     let keep = root.child("keep");
     let _deep = keep.child("deep");
     let _skip = root.child("skip");
-    let port = free_port();
+    let reserved_port = otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let _daemon = Daemon::start(
         &root.path,
         &[
@@ -652,7 +653,8 @@ fn include_exclude_and_depth_choose_the_exported_cgroups() {
 fn an_agent_run_workload_is_exported_with_its_name() {
     require_root();
     let runs = agent_tests::Runs::new();
-    let port = free_port();
+    let reserved_port = otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let daemon = runs.daemon(&[
         "--prometheus-listen",
         &format!("127.0.0.1:{port}"),

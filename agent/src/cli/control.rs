@@ -1,12 +1,14 @@
 //! `agent pause`, `agent resume` and `agent stop`: act on a running workload.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
 use clap::Args;
+
+use crate::sys::pid_running;
 use nix::{sys::signal::Signal, unistd::Pid};
 
 use crate::workload::{
@@ -52,10 +54,6 @@ pub fn resume(target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// Ends a workload and waits until its `agent run` has cleaned up.
 pub fn stop(args: &StopArgs) -> anyhow::Result<()> {
     super::require_root("agent stop", super::FOR_WORKLOADS)?;
@@ -67,16 +65,16 @@ pub fn stop(args: &StopArgs) -> anyhow::Result<()> {
         cgroups::set_frozen(&record.cgroups, false)?;
     }
     let deadline = Instant::now() + args.timeout;
-    while alive(record.pid) && Instant::now() < deadline {
+    while pid_running(record.pid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    let killed = alive(record.pid);
+    let killed = pid_running(record.pid);
     if killed {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
     }
     // Its `agent run` removes the cgroups and the record.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(record.agent_pid) && Instant::now() < deadline {
+    while pid_running(record.agent_pid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     println!(

@@ -7,6 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::sys::pid_running;
+
 use super::{
     cgroups::Placement,
     spec::{Limits, NetMode},
@@ -52,12 +54,8 @@ impl Record {
     /// Whether the `agent run` that owns this record is still running.
     #[must_use]
     pub fn is_alive(&self) -> bool {
-        pid_alive(self.agent_pid) && pid_alive(self.pid)
+        pid_running(self.agent_pid) && pid_running(self.pid)
     }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn dir(state_dir: &Path) -> PathBuf {
@@ -123,7 +121,7 @@ pub fn in_use(state_dir: &Path, name: &str) -> bool {
 /// processes died with it (PR_SET_PDEATHSIG), so the cgroups are empty.
 pub fn collect_garbage(state_dir: &Path) {
     for record in all(state_dir) {
-        if !pid_alive(record.agent_pid) && super::cgroups::remove(&record.cgroups).is_ok() {
+        if !pid_running(record.agent_pid) && super::cgroups::remove(&record.cgroups).is_ok() {
             remove(state_dir, &record.name);
         }
     }

@@ -8,7 +8,7 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -77,10 +77,9 @@ fn measure(root: &Path, mode: Mode, window: Duration) -> Result<Run, String> {
         Mode::Http => Some(Receiver::http()),
         Mode::None | Mode::Prometheus => None,
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
+    // Held until the daemon listens on it.
+    let reserved_port = agent_tests::otlp::ReservedPort::new();
+    let port = reserved_port.port;
     let mut command = Command::new(agent_bin());
     command
         .args(["daemon", "--cgroup-root"])
