@@ -125,9 +125,14 @@ fn export_over(receiver: &otlp::Receiver, by_env: bool) {
     ];
     #[expect(clippy::cast_precision_loss, reason = "small exact integers")]
     let (bytes, count) = (BYTES as f64, COUNT as f64);
+    // The first export with every datagram counted and the sender's CPU
+    // time: a snapshot taken after its sends but before it left the CPU
+    // has the first and not yet the second.
     let request = receiver.wait_for(Duration::from_secs(20), |r| {
         otlp::sum_value(r, "container.network.io", &tx) == Some(bytes)
             && otlp::sum_value(r, "container.network.io", &rx) == Some(bytes)
+            && otlp::sum_value(r, "container.cpu.time", &[("agent.cgroup.path", "/a")])
+                .is_some_and(|s| s > 0.0)
     });
     // Exact values, both directions, bytes and packets; nothing the other way.
     assert_eq!(
@@ -191,13 +196,7 @@ fn export_over(receiver: &otlp::Receiver, by_env: bool) {
     let cpu = otlp::metric(&request, "container.cpu.time").expect("container.cpu.time");
     assert_eq!(cpu.unit, "s");
     assert!(matches!(&cpu.data, Some(Data::Sum(s)) if s.is_monotonic));
-    // The sender ran on a CPU and started a process there.
-    assert!(otlp::sum_value(
-        &request,
-        "container.cpu.time",
-        &[("agent.cgroup.path", "/a")]
-    )
-    .is_some_and(|s| s > 0.0));
+    // (The sender's CPU time is in the request: see the wait above.)
     let latency = otlp::metric(&request, "agent.cgroup.cpu.runqueue.latency")
         .expect("the run-queue latency histogram");
     assert_eq!(latency.unit, "s");
