@@ -295,6 +295,31 @@ impl Collector {
         self.tree.path(id)
     }
 
+    /// The path of cgroup `id`, walking the tree again first when `id` is
+    /// not in the last walk and a cgroup was created, removed or renamed
+    /// since (an event of a cgroup made since the last sample).
+    pub fn resolve(&mut self, id: u64) -> Option<&str> {
+        if self.tree.path(id).is_none() {
+            let _ = self.walk_if_changed();
+        }
+        self.tree.path(id)
+    }
+
+    /// Walks the tree again if the kernel's tree-change counter moved since
+    /// the last walk; returns the counter the tree is now as of.
+    fn walk_if_changed(&mut self) -> Result<u64, Error> {
+        let generation = self.generation()?;
+        if self.tree_generation != Some(generation) {
+            self.tree = CgroupTree::walk(&self.root)?;
+            self.tree_generation = Some(generation);
+            if let Some(files) = self.files.as_mut() {
+                let tree = &self.tree;
+                files.retain(|id| tree.contains(id));
+            }
+        }
+        Ok(generation)
+    }
+
     /// The cgroup root the programs are attached to.
     #[must_use]
     pub fn root(&self) -> &Path {
@@ -334,15 +359,7 @@ impl Collector {
     }
 
     fn sample_with(&mut self, detail: Detail) -> Result<Sample, Error> {
-        let generation = self.generation()?;
-        if self.tree_generation != Some(generation) {
-            self.tree = CgroupTree::walk(&self.root)?;
-            self.tree_generation = Some(generation);
-            if let Some(files) = self.files.as_mut() {
-                let tree = &self.tree;
-                files.retain(|id| tree.contains(id));
-            }
-        }
+        let generation = self.walk_if_changed()?;
         self.workloads.refresh();
         let taken = SystemTime::now();
         let at = Instant::now();

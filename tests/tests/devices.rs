@@ -619,6 +619,53 @@ fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgr
 }
 
 #[test]
+fn an_event_names_a_cgroup_made_since_the_daemons_last_walk() {
+    let runs = Runs::new();
+    let v2_parent = runs.v2_parent();
+    // No policy and an hour between samples: the daemon walks the cgroup
+    // tree at its start and then only when an event names a cgroup it has
+    // not seen.
+    let daemon = runs.daemon(&["--interval", "1h", "--event-rate", "1000"]);
+    let mut run = runs.spawn(
+        &[
+            "--name",
+            "late",
+            "--net",
+            "none",
+            "--pin-dir",
+            daemon.pin_dir.to_str().unwrap(),
+            "--device",
+            "c 1:3 rw",
+        ],
+        &["sleep", "30"],
+    );
+    runs.wait_running("late");
+    let inner = Cgroup::create(v2_parent.join("late").join("inner"));
+    assert_eq!(devpeer_in(&inner, &["deny", "3", "/dev/zero"]), ["3"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events: Vec<_> = daemon
+            .audit()
+            .iter()
+            .filter(|e| e["kind"] == "device_denied")
+            .map(|e| e["cgroup"].clone())
+            .collect();
+        if events.len() >= 3 {
+            assert_eq!(events, vec![serde_json::json!("/late/inner"); 3]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the events never came: {events:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(inner);
+    runs.stop("late", &mut run);
+    drop(daemon);
+}
+
+#[test]
 fn a_workload_inside_another_meets_both_device_policies_and_each_counts_it() {
     let runs = Runs::new();
     runs.v2_parent();

@@ -258,10 +258,10 @@ fn apply<'a, D: Domain>(
 }
 
 /// Drains the ring buffer into the hub.
-fn drain(ring: &mut RingBuf<MapData>, hub: &mut Hub, collector: &Collector) {
+fn drain(ring: &mut RingBuf<MapData>, hub: &mut Hub, collector: &mut Collector) {
     while let Some(item) = ring.next() {
         if let Some(event) = events::decode(&item) {
-            hub.publish(Record::new(&event, collector.path_of(event.cgroup_id)));
+            hub.publish(Record::new(&event, collector.resolve(event.cgroup_id)));
         }
     }
 }
@@ -377,7 +377,7 @@ async fn serve(
             _ = hangup.recv() => reload = Some("SIGHUP"),
             ready = ring.readable_mut() => {
                 if let Ok(mut guard) = ready {
-                    drain(guard.get_inner_mut(), &mut hub, &collector);
+                    drain(guard.get_inner_mut(), &mut hub, &mut collector);
                     guard.clear_ready();
                 }
             }
