@@ -699,8 +699,12 @@ fn empty_cgroup_tree(dir: &Path) {
                 );
             }
         }
+        // Busy until the killed processes are gone; not found once their
+        // `agent run` has removed it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+        while fs::remove_dir(entry.path()).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound)
+            && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(20));
         }
     }

@@ -317,6 +317,8 @@ struct Prometheus {
     child: Child,
     dir: PathBuf,
     port: u16,
+    /// Held while prometheus runs (it binds the port itself).
+    _reserved: otlp::ReservedPort,
 }
 
 impl Prometheus {
@@ -332,8 +334,8 @@ impl Prometheus {
             ),
         )
         .expect("write prometheus.yml");
-        let reserved_port = otlp::ReservedPort::new();
-        let port = reserved_port.port;
+        let reserved = otlp::ReservedPort::new();
+        let port = reserved.port;
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
         let child = Command::new("/usr/bin/prometheus")
             .arg(format!("--config.file={}", config.display()))
@@ -349,7 +351,12 @@ impl Prometheus {
             .expect(
                 "start /usr/bin/prometheus (apt-get install prometheus; cargo xtask setup does)",
             );
-        Self { child, dir, port }
+        Self {
+            child,
+            dir,
+            port,
+            _reserved: reserved,
+        }
     }
 
     /// The value of the instant query's single series, when it has one.
