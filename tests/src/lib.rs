@@ -566,10 +566,16 @@ impl Runs {
     }
 
     pub fn command(&self, flags: &[&str], command: &[&str]) -> Command {
+        self.command_in(&self.parent, flags, command)
+    }
+
+    /// [`Runs::command`] with the workload's cgroup under `parent` (relative
+    /// to each hierarchy's root), such as inside another workload's.
+    pub fn command_in(&self, parent: &str, flags: &[&str], command: &[&str]) -> Command {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run")
             .arg("--cgroup-parent")
-            .arg(&self.parent)
+            .arg(parent)
             .arg("--state-dir")
             .arg(&self.state);
         cmd.args(flags).arg("--").args(command);
@@ -734,13 +740,18 @@ pub fn cgroup_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-/// The `net` object of the cgroup with `path` in a `agent stats --json` snapshot.
-pub fn net_of<'a>(stats: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+/// The cgroup object with `path` in an `agent stats --json` snapshot.
+pub fn cgroup_in<'a>(stats: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
     stats["cgroups"]
         .as_array()
         .expect("cgroups array")
         .iter()
         .find(|c| c["path"] == path)
+}
+
+/// The `net` object of the cgroup with `path` in a `agent stats --json` snapshot.
+pub fn net_of<'a>(stats: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    cgroup_in(stats, path)
         .map(|c| &c["net"])
         .unwrap_or_else(|| panic!("no cgroup {path} in {stats}"))
 }

@@ -6,15 +6,16 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use agent_tests::{
-    agent_bin, attachments, loop_report, require_root, unique, v2_mount, Cgroup, Daemon,
+    agent_bin, attachments, cgroup_in, loop_report, require_root, unique, v2_mount, Cgroup, Daemon,
     PolicyFile, Runs,
 };
+use serde_json::Value;
 
 /// The device helper binary, next to the agent.
 fn devpeer() -> PathBuf {
@@ -257,13 +258,7 @@ fn denials_are_counted_exactly_and_events_up_to_the_rate_limit() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = daemon.stats();
-        let devices = stats["cgroups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["path"] == "/box")
-            .unwrap()["devices"]
-            .clone();
+        let devices = devices_in(&stats, "/box").unwrap_or_else(|| panic!("no /box: {stats}"));
         let events = daemon
             .audit()
             .iter()
@@ -436,36 +431,101 @@ fn a_cgroup_made_inside_a_workload_keeps_its_device_rules() {
     runs.stop("nest", &mut run);
 }
 
+/// A daemon at `runs`' parent whose maps workloads share (`--pin-dir`),
+/// reporting up to 1,000 denials per second per CPU, with `extra` flags.
+fn sharing_daemon(runs: &Runs, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--event-rate", "1000"];
+    args.extend_from_slice(extra);
+    runs.daemon(&args)
+}
+
+/// A [`sharing_daemon`] enforcing a policy for `/other` only: its own
+/// program is attached at the root and runs for every workload's access.
+fn enforcing_elsewhere(runs: &Runs) -> (Daemon, PolicyFile) {
+    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
+    let daemon = sharing_daemon(runs, &["--policy", &file.arg(), "--interval", "200ms"]);
+    (daemon, file)
+}
+
+/// Starts workload `name` (in `parent`, else the runs' own) sharing
+/// `daemon`'s maps, with the device rules `devices`; stdout piped.
+fn spawn_sharing(
+    runs: &Runs,
+    parent: Option<&str>,
+    daemon: &Daemon,
+    name: &str,
+    devices: &[&str],
+    command: &[&str],
+) -> Child {
+    let pins = daemon.pin_dir.to_str().unwrap();
+    let mut flags = vec!["--name", name, "--net", "none", "--pin-dir", pins];
+    for rule in devices {
+        flags.extend(["--device", rule]);
+    }
+    runs.command_in(parent.unwrap_or(&runs.parent), &flags, command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent run")
+}
+
+/// The `devices` object of the cgroup with `path`, when it has one.
+fn devices_in(stats: &Value, path: &str) -> Option<Value> {
+    cgroup_in(stats, path)
+        .map(|c| c["devices"].clone())
+        .filter(|d| !d.is_null())
+}
+
+/// Whether the cgroup with `path` shows denials.
+fn denials_shown(stats: &Value, path: &str) -> bool {
+    devices_in(stats, path).is_some_and(|d| d["denied"] != 0)
+}
+
+/// The daemon's device denial events, oldest first.
+fn denials(daemon: &Daemon) -> Vec<Value> {
+    daemon
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "device_denied")
+        .collect()
+}
+
+/// The daemon's stats and denial events once `ready` holds for them (10 s
+/// at most), read again 500 ms later, by when any late or second event of
+/// a denial is in the log too.
+fn settled(daemon: &Daemon, ready: impl Fn(&Value, &[Value]) -> bool) -> (Value, Vec<Value>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (stats, events) = (daemon.stats(), denials(daemon));
+        if ready(&stats, &events) {
+            thread::sleep(Duration::from_millis(500));
+            return (daemon.stats(), denials(daemon));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never settled: {stats}, events {events:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_workload_under_an_enforcing_daemon_is_counted_once() {
     let runs = Runs::new();
     let v2_parent = runs.v2_parent();
-    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
-    let daemon = runs.daemon(&[
-        "--policy",
-        file.0.to_str().unwrap(),
-        "--interval",
-        "200ms",
-        "--event-rate",
-        "1000",
-    ]);
+    let (daemon, _file) = enforcing_elsewhere(&runs);
     // The daemon's program at the root and the workload's own both run for
     // each of the workload's accesses; one of them counts it.
     let script = format!(
         "{peer} deny 50 /dev/zero && {peer} try rw:/dev/null rw:/dev/null && exec sleep 30",
         peer = devpeer().display()
     );
-    let mut run = runs.spawn(
-        &[
-            "--name",
-            "counted",
-            "--net",
-            "none",
-            "--pin-dir",
-            daemon.pin_dir.to_str().unwrap(),
-            "--device",
-            "c 1:3 rw",
-        ],
+    let mut run = spawn_sharing(
+        &runs,
+        None,
+        &daemon,
+        "counted",
+        &["c 1:3 rw"],
         &["sh", "-c", &script],
     );
     // Every access is done once devpeer has said so: 50 denials, 2 opens.
@@ -485,43 +545,24 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
         1,
         "the workload's dev_guard"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = daemon.stats();
-        let devices = stats["cgroups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["path"] == "/counted")
-            .map(|c| c["devices"].clone());
-        let events = daemon
-            .audit()
-            .iter()
-            .filter(|e| e["cgroup"] == "/counted")
-            .count();
-        if let Some(devices) = devices
-            .as_ref()
-            .filter(|d| d["denied"] != 0 && events >= 50)
-        {
-            assert_eq!(devices["denied"], 50, "{devices}");
-            assert_eq!(devices["allowed"], 2, "{devices}");
-            assert_eq!(devices["suppressed_events"], 0, "{devices}");
-            // Any second event of an access would be in the log by now.
-            thread::sleep(Duration::from_millis(500));
-            let events = daemon
-                .audit()
-                .iter()
-                .filter(|e| e["cgroup"] == "/counted")
-                .count();
-            assert_eq!(events, 50);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the workload's counts never showed: {devices:?}, {events} events"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let (stats, events) = settled(&daemon, |stats, events| {
+        denials_shown(stats, "/counted") && events.len() >= 50
+    });
+    let devices = devices_in(&stats, "/counted").unwrap();
+    assert_eq!(
+        (
+            &devices["denied"],
+            &devices["allowed"],
+            &devices["suppressed_events"]
+        ),
+        (&50.into(), &2.into(), &0.into()),
+        "{devices}"
+    );
+    assert_eq!(events.len(), 50, "one event per denial: {events:?}");
+    assert!(
+        events.iter().all(|e| e["cgroup"] == "/counted"),
+        "{events:?}"
+    );
     runs.stop("counted", &mut run);
     drop(daemon);
 }
@@ -530,26 +571,13 @@ fn a_workload_under_an_enforcing_daemon_is_counted_once() {
 fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgroup() {
     let runs = Runs::new();
     let v2_parent = runs.v2_parent();
-    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
-    let daemon = runs.daemon(&[
-        "--policy",
-        file.0.to_str().unwrap(),
-        "--interval",
-        "200ms",
-        "--event-rate",
-        "1000",
-    ]);
-    let mut run = runs.spawn(
-        &[
-            "--name",
-            "unit",
-            "--net",
-            "none",
-            "--pin-dir",
-            daemon.pin_dir.to_str().unwrap(),
-            "--device",
-            "c 1:3 rw",
-        ],
+    let (daemon, _file) = enforcing_elsewhere(&runs);
+    let mut run = spawn_sharing(
+        &runs,
+        None,
+        &daemon,
+        "unit",
+        &["c 1:3 rw"],
         &["sleep", "30"],
     );
     runs.wait_running("unit");
@@ -565,54 +593,24 @@ fn a_workloads_subtree_is_counted_under_the_workload_and_its_events_name_the_cgr
         ),
         ["ok", "ok", "ok"]
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = daemon.stats();
-        let devices_of = |path: &str| {
-            stats["cgroups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["path"] == path)
-                .map(|c| c["devices"].clone())
-        };
-        let unit = devices_of("/unit");
-        let events: Vec<_> = daemon
-            .audit()
-            .iter()
-            .filter(|e| e["kind"] == "device_denied")
-            .map(|e| e["cgroup"].clone())
-            .collect();
-        if let Some(devices) = unit
+    let (stats, events) = settled(&daemon, |stats, events| {
+        denials_shown(stats, "/unit") && events.len() >= 20
+    });
+    let unit = devices_in(&stats, "/unit").unwrap();
+    assert_eq!(
+        (&unit["denied"], &unit["allowed"]),
+        (&20.into(), &3.into()),
+        "{unit}"
+    );
+    let inner_devices = devices_in(&stats, "/unit/inner");
+    assert!(
+        inner_devices
             .as_ref()
-            .filter(|d| d["denied"] != 0 && events.len() >= 20)
-        {
-            assert_eq!(devices["denied"], 20, "{devices}");
-            assert_eq!(devices["allowed"], 3, "{devices}");
-            let inner_devices = devices_of("/unit/inner");
-            assert!(
-                inner_devices
-                    .as_ref()
-                    .is_none_or(|d| d.is_null() || (d["denied"] == 0 && d["allowed"] == 0)),
-                "the inner cgroup has counts of its own: {inner_devices:?}"
-            );
-            // Any second event of a denial would be in the log by now.
-            thread::sleep(Duration::from_millis(500));
-            let events: Vec<_> = daemon
-                .audit()
-                .iter()
-                .filter(|e| e["kind"] == "device_denied")
-                .map(|e| e["cgroup"].clone())
-                .collect();
-            assert_eq!(events, vec![serde_json::json!("/unit/inner"); 20]);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the workload's counts never showed: {unit:?}, events {events:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+            .is_none_or(|d| d["denied"] == 0 && d["allowed"] == 0),
+        "the inner cgroup has counts of its own: {inner_devices:?}"
+    );
+    let cgroups: Vec<&Value> = events.iter().map(|e| &e["cgroup"]).collect();
+    assert_eq!(cgroups, vec!["/unit/inner"; 20]);
     drop(inner);
     runs.stop("unit", &mut run);
     drop(daemon);
@@ -625,41 +623,21 @@ fn an_event_names_a_cgroup_made_since_the_daemons_last_walk() {
     // No policy and an hour between samples: the daemon walks the cgroup
     // tree at its start and then only when an event names a cgroup it has
     // not seen.
-    let daemon = runs.daemon(&["--interval", "1h", "--event-rate", "1000"]);
-    let mut run = runs.spawn(
-        &[
-            "--name",
-            "late",
-            "--net",
-            "none",
-            "--pin-dir",
-            daemon.pin_dir.to_str().unwrap(),
-            "--device",
-            "c 1:3 rw",
-        ],
+    let daemon = sharing_daemon(&runs, &["--interval", "1h"]);
+    let mut run = spawn_sharing(
+        &runs,
+        None,
+        &daemon,
+        "late",
+        &["c 1:3 rw"],
         &["sleep", "30"],
     );
     runs.wait_running("late");
     let inner = Cgroup::create(v2_parent.join("late").join("inner"));
     assert_eq!(devpeer_in(&inner, &["deny", "3", "/dev/zero"]), ["3"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events: Vec<_> = daemon
-            .audit()
-            .iter()
-            .filter(|e| e["kind"] == "device_denied")
-            .map(|e| e["cgroup"].clone())
-            .collect();
-        if events.len() >= 3 {
-            assert_eq!(events, vec![serde_json::json!("/late/inner"); 3]);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the events never came: {events:?}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (_, events) = settled(&daemon, |_, events| events.len() >= 3);
+    let cgroups: Vec<&Value> = events.iter().map(|e| &e["cgroup"]).collect();
+    assert_eq!(cgroups, vec!["/late/inner"; 3]);
     drop(inner);
     runs.stop("late", &mut run);
     drop(daemon);
@@ -669,29 +647,13 @@ fn an_event_names_a_cgroup_made_since_the_daemons_last_walk() {
 fn a_workload_inside_another_meets_both_device_policies_and_each_counts_it() {
     let runs = Runs::new();
     runs.v2_parent();
-    let file = PolicyFile::new(&policy("/other", "deny", &[("allow", "c 1:3 rw")]));
-    let daemon = runs.daemon(&[
-        "--policy",
-        file.0.to_str().unwrap(),
-        "--interval",
-        "200ms",
-        "--event-rate",
-        "1000",
-    ]);
-    let pins = daemon.pin_dir.to_str().unwrap();
-    let mut outer = runs.spawn(
-        &[
-            "--name",
-            "outer",
-            "--net",
-            "none",
-            "--pin-dir",
-            pins,
-            "--device",
-            "c 1:3 rw",
-            "--device",
-            "c 1:5 r",
-        ],
+    let (daemon, _file) = enforcing_elsewhere(&runs);
+    let mut outer = spawn_sharing(
+        &runs,
+        None,
+        &daemon,
+        "outer",
+        &["c 1:3 rw", "c 1:5 r"],
         &["sleep", "30"],
     );
     runs.wait_running("outer");
@@ -701,95 +663,44 @@ fn a_workload_inside_another_meets_both_device_policies_and_each_counts_it() {
         "{peer} try rw:/dev/null r:/dev/zero r:/dev/urandom && exec sleep 30",
         peer = devpeer().display()
     );
-    let mut inner = Command::new(agent_bin())
-        .args(["run", "--cgroup-parent", &format!("{}/outer", runs.parent)])
-        .arg("--state-dir")
-        .arg(&runs.state)
-        .args([
-            "--name",
-            "inner",
-            "--net",
-            "none",
-            "--pin-dir",
-            pins,
-            "--device",
-            "c 1:3 rw",
-            "--device",
-            "c 1:9 r",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the inner agent run");
+    let mut inner = spawn_sharing(
+        &runs,
+        Some(&format!("{}/outer", runs.parent)),
+        &daemon,
+        "inner",
+        &["c 1:3 rw", "c 1:9 r"],
+        &["sh", "-c", &script],
+    );
     let mut lines = BufReader::new(inner.stdout.take().expect("piped stdout")).lines();
     for said in ["ok", "EPERM", "EPERM"] {
         assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some(said));
     }
     // Each workload's program counts every access under its own workload
     // and reports what its own policy denies.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = daemon.stats();
-        let devices_of = |path: &str| {
-            stats["cgroups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["path"] == path)
-                .map(|c| c["devices"].clone())
-        };
-        let (outer_devices, inner_devices) = (devices_of("/outer"), devices_of("/outer/inner"));
-        let events = || -> Vec<_> {
-            daemon
-                .audit()
-                .iter()
-                .filter(|e| e["kind"] == "device_denied")
-                .map(|e| {
-                    (
-                        e["cgroup"].clone(),
-                        e["device"]["major"].clone(),
-                        e["device"]["minor"].clone(),
-                    )
-                })
-                .collect()
-        };
-        let shown = |d: &Option<serde_json::Value>| d.as_ref().is_some_and(|d| d["denied"] != 0);
-        if shown(&outer_devices) && shown(&inner_devices) && events().len() >= 2 {
-            let (outer_devices, inner_devices) = (outer_devices.unwrap(), inner_devices.unwrap());
-            assert_eq!(
-                (&outer_devices["allowed"], &outer_devices["denied"]),
-                (&2.into(), &1.into()),
-                "{outer_devices}"
-            );
-            assert_eq!(
-                (&inner_devices["allowed"], &inner_devices["denied"]),
-                (&2.into(), &1.into()),
-                "{inner_devices}"
-            );
-            thread::sleep(Duration::from_millis(500));
-            let mut events = events();
-            events.sort_by_key(|e| e.2.as_u64());
-            let inner_path = serde_json::json!("/outer/inner");
-            assert_eq!(
-                events,
-                [
-                    (inner_path.clone(), 1.into(), 5.into()),
-                    (inner_path, 1.into(), 9.into())
-                ]
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the counts never showed: {outer_devices:?}, {inner_devices:?}, {:?}",
-            events()
+    let (stats, events) = settled(&daemon, |stats, events| {
+        denials_shown(stats, "/outer") && denials_shown(stats, "/outer/inner") && events.len() >= 2
+    });
+    for path in ["/outer", "/outer/inner"] {
+        let devices = devices_in(&stats, path).unwrap();
+        assert_eq!(
+            (&devices["allowed"], &devices["denied"]),
+            (&2.into(), &1.into()),
+            "{path}: {devices}"
         );
-        thread::sleep(Duration::from_millis(100));
     }
+    let mut denied: Vec<(&Value, &Value, &Value)> = events
+        .iter()
+        .map(|e| (&e["cgroup"], &e["device"]["major"], &e["device"]["minor"]))
+        .collect();
+    denied.sort_by_key(|(_, _, minor)| minor.as_u64());
+    let inner_path = Value::from("/outer/inner");
+    assert_eq!(
+        denied,
+        [
+            (&inner_path, &Value::from(1), &Value::from(5)),
+            (&inner_path, &Value::from(1), &Value::from(9))
+        ]
+    );
     runs.stop("inner", &mut inner);
     runs.stop("outer", &mut outer);
     drop(daemon);
@@ -809,17 +720,12 @@ fn a_workloads_own_policy_covers_its_subtree_under_a_daemon() {
             "devices": {"default": "allow", "rules": [{"deny": "b *:* w"}]}}]}"#,
     );
     let daemon = runs.daemon(&["--policy", file.0.to_str().unwrap(), "--interval", "200ms"]);
-    let mut run = runs.spawn(
-        &[
-            "--name",
-            "strict",
-            "--net",
-            "none",
-            "--pin-dir",
-            daemon.pin_dir.to_str().unwrap(),
-            "--device",
-            "c 1:3 rw",
-        ],
+    let mut run = spawn_sharing(
+        &runs,
+        None,
+        &daemon,
+        "strict",
+        &["c 1:3 rw"],
         &["sleep", "30"],
     );
     runs.wait_running("strict");

@@ -9,8 +9,8 @@ use std::{
 };
 
 use agent_tests::{
-    attachments, counts, net_of, netpeer_bin, require_root, run, wait_for_line, wait_success,
-    Cgroup, Daemon, VethPair,
+    attachments, cgroup_in, counts, net_of, netpeer_bin, require_root, run, wait_for_line,
+    wait_success, Cgroup, Daemon, VethPair,
 };
 
 /// IPv4 + UDP headers: cgroup_skb sees skb->len from the network header on.
@@ -89,15 +89,7 @@ fn udp_datagrams_are_counted_exactly_for_sender_and_receiver() {
         Some(3),
         "{stats}"
     );
-    let id_of = |path: &str| {
-        stats["cgroups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["path"] == path)
-            .unwrap()["id"]
-            .as_u64()
-    };
+    let id_of = |path: &str| cgroup_in(&stats, path).unwrap()["id"].as_u64();
     assert_eq!(id_of("/a"), Some(a.id()));
     // The wire agrees: what left a's veth is what a sent, plus Ethernet headers.
     assert_eq!(pair.a.counter(&pair.a_dev, "tx_packets"), COUNT);

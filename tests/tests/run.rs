@@ -322,12 +322,7 @@ fn a_workload_appears_in_stats_under_its_path_with_its_name() {
         .output()
         .unwrap();
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
-    let web = stats["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["path"] == "/web")
-        .expect("the workload's cgroup");
+    let web = agent_tests::cgroup_in(&stats, "/web").expect("the workload's cgroup");
     assert_eq!(web["name"], "web");
     runs.stop("web", &mut run);
     drop(daemon);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::{Cgroup, Daemon, Runs};
+use agent_tests::{cgroup_in, Cgroup, Daemon, Runs};
 
 /// A daemon watching the v2 directory of `runs`' cgroup parent.
 fn daemon_for(runs: &Runs) -> Daemon {
@@ -17,11 +17,7 @@ fn daemon_for(runs: &Runs) -> Daemon {
 /// The cgroup object of workload `name` in `agent stats --json`.
 fn stats_of(daemon: &Daemon, name: &str) -> serde_json::Value {
     let stats = daemon.stats();
-    stats["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["path"] == format!("/{name}"))
+    cgroup_in(&stats, &format!("/{name}"))
         .unwrap_or_else(|| panic!("no cgroup /{name} in {stats}"))
         .clone()
 }
@@ -155,11 +151,7 @@ fn time_spent_outside_the_watched_root_is_not_charged_on_return() {
         .unwrap();
     assert!(status.success());
     let stats = daemon.stats();
-    let ebpf = stats["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["path"] == "/w")
+    let ebpf = cgroup_in(&stats, "/w")
         .map(|c| u64_of(&c["cpu"]["usage_ns"]))
         .unwrap_or_else(|| panic!("no /w in {stats}"));
     let kernel = fs::read_to_string(inside.path.join("cpu.stat"))
